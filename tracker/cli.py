@@ -246,6 +246,26 @@ def demo(app, jobs):
     run_demo(app, jobs)
 
 
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=7419, show_default=True)
+@click.option("--password", envvar="TRACKER_PASSWORD", show_envvar=True,
+              help="Require this password in HELLO (Faktory's pwdhash).")
+@click.option("--max-line", type=click.IntRange(64), default=1024 * 1024, show_default=True,
+              metavar="BYTES", help="Longest command line accepted; longer closes the connection.")
+@click.option("--idle-timeout", type=click.FloatRange(0.1), default=300.0, show_default=True,
+              metavar="SECONDS", help="Close a connection idle this long.")
+@click.option("--max-connections", type=click.IntRange(1), default=1000, show_default=True)
+@click.option("--handshake-timeout", type=click.FloatRange(0.1), default=5.0, show_default=True,
+              metavar="SECONDS", help="Time a client has to send HELLO.")
+@pass_app
+def serve(app, **options):
+    """Serve the Faktory Work Protocol: TRACK GET / TRACK SET for unmodified Faktory clients."""
+    from tracker.server import run
+
+    run(app.settings, **options)
+
+
 @cli.group()
 def embedded():
     """Manage the embedded Redis (used when no --redis-url is given)."""

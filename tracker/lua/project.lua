@@ -57,7 +57,10 @@ if #first > 0 then
 else
   local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count,
                            'STREAMS', stream, '>')
-  if reply then entries = reply[1][2] end
+  if reply and #reply > 0 then
+    -- Redis answers {{stream, entries}}; fakeredis (unit tests) drops the outer array.
+    if type(reply[1]) == 'table' then entries = reply[1][2] else entries = reply[2] end
+  end
 end
 if #entries == 0 then
   -- Nothing to fold: return the newest ID so the caller can block for anything later.

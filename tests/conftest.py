@@ -1,0 +1,101 @@
+"""Shared fixtures: the same tests run on fakeredis and on real Redis.
+
+Real Redis is the server named by TRACKER_REDIS_URL or REDIS_URL, else an
+embedded server started for the session in a temporary data dir. Every test
+gets its own key prefix and deletes only the keys under it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import fakeredis
+import pytest
+import redis
+
+from tracker import embedded
+from tracker.config import Deployment, Settings
+from tracker.projector import Projector
+from tracker.query import Tracker
+
+
+@pytest.fixture(scope="session")
+def real_redis_url(tmp_path_factory) -> str:
+    url = os.environ.get("TRACKER_REDIS_URL") or os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    data_dir = tmp_path_factory.mktemp("embedded")
+    sock = embedded.ensure(data_dir)
+    yield f"unix://{sock}"
+    embedded.stop(data_dir)
+
+
+@pytest.fixture(scope="session")
+def embedded_url(tmp_path_factory) -> str:
+    """Always the embedded server (the default a new user gets), whatever the env says."""
+    data_dir = tmp_path_factory.mktemp("embedded-default")
+    sock = embedded.ensure(data_dir)
+    yield f"unix://{sock}"
+    embedded.stop(data_dir)
+
+
+def cleanup(client: redis.Redis, prefix: str) -> None:
+    for pattern in (f"{{{prefix}:*", f"{prefix}:*"):
+        batch = list(client.scan_iter(match=pattern, count=1000))
+        for i in range(0, len(batch), 500):
+            client.delete(*batch[i:i + 500])
+
+
+@pytest.fixture
+def prefix() -> str:
+    return "t" + uuid.uuid4().hex[:12]
+
+
+def _open(kind: str, real_redis_url: str, prefix: str, **settings):
+    if kind == "fake":
+        client = fakeredis.FakeRedis()
+        s = Settings(redis_url="redis://fakeredis", prefix=prefix, **settings)
+        return Deployment.open(s, client=client, check_version=False)
+    return Deployment.open(Settings(redis_url=real_redis_url, prefix=prefix, **settings))
+
+
+@pytest.fixture(params=["fake", "real"])
+def backend(request, real_redis_url, prefix):
+    """A factory for deployments on one backend; cleans up what it made."""
+    made = []
+
+    def make(**settings) -> Deployment:
+        d = _open(request.param, real_redis_url, prefix, **settings)
+        made.append(d)
+        return d
+
+    make.kind = request.param
+    yield make
+    for d in made:
+        cleanup(d.client, prefix)
+        d.close()
+
+
+@pytest.fixture
+def deployment(backend) -> Deployment:
+    return backend(partitions=4, ttl=1800)
+
+
+@pytest.fixture
+def tracker(deployment) -> Tracker:
+    return Tracker(deployment)
+
+
+@pytest.fixture
+def projector(deployment) -> Projector:
+    return Projector(deployment, consumer="test")
+
+
+@pytest.fixture
+def real_deployment(real_redis_url, prefix):
+    d = Deployment.open(Settings(redis_url=real_redis_url, prefix=prefix, partitions=4))
+    yield d
+    cleanup(d.client, prefix)
+    d.close()
