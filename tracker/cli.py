@@ -309,3 +309,7 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+# ------------------------------------------------------------ extension commands
+# Commands that live in their own modules register here (one line each).
