@@ -1,0 +1,121 @@
+"""``tracker demo``: the whole loop on one screen, on the embedded Redis by default.
+
+A simulated job server pushes tracked and untracked jobs; simulated workers
+report progress; one job fails once and then succeeds on its retry, one dies;
+a projector folds the log in a background thread while the view polls
+TRACK GET. It ends by printing the final TRACK GET answers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import sys
+import threading
+import time
+
+import click
+import msgspec
+
+from tracker.config import Deployment, Settings
+from tracker.projector import Projector
+from tracker.publisher import Publisher
+from tracker.query import Tracker
+from tracker.watch import COLORS, render
+
+STEPS = ["Fetching input", "Parsing", "Calculating...", "Rendering", "Uploading", "Clearing caches..."]
+# (name, tracked, attempts that fail before the last, dies at the end)
+PLANS = [("report", True, 0, False), ("invoice", True, 1, False), ("export", True, 2, True),
+         ("thumbnail", False, 0, False), ("backup", True, 0, False), ("email", False, 0, False)]
+
+
+def _job(pub: Publisher, tracker: Tracker, jid: str, plan, rng: random.Random, stop) -> None:
+    name, tracked, fails, dies = plan
+    custom = {"track": 1} if tracked else {}
+    pub.enqueued(jid, custom=custom, queue="default", jobtype=name.title() + "Job")
+    time.sleep(rng.uniform(0.3, 1.2))  # waiting in the queue
+    for attempt in range(fails + 1):
+        if stop.is_set():
+            return
+        pub.working(jid, reserve_for=600)
+        last = attempt == fails
+        upto = 100 if (last and not dies) else rng.choice([30, 55, 70])
+        for pct in range(0, upto + 1, 10):
+            desc = STEPS[min(pct * len(STEPS) // 101, len(STEPS) - 1)]
+            until = None
+            if name == "backup" and pct == 50:  # a long job asks for more time
+                until = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=2)
+            tracker.set(jid, percent=pct, desc=desc, reserve_until=until)
+            time.sleep(rng.uniform(0.08, 0.25))
+        if last and not dies:
+            pub.success(jid)
+        elif last:
+            pub.dead(jid, errtype="TimeoutError", message="gave up after 3 attempts")
+        else:
+            pub.failed(jid, errtype="ConnectionError", message="upstream reset the connection")
+            time.sleep(0.4)
+            pub.enqueued(jid, custom=custom, queue="default", jobtype=name.title() + "Job")
+            time.sleep(0.3)
+
+
+def _draw(answers: list[dict], tty: bool, first: bool) -> None:
+    lines = [f"{a['jid']:<22} " + render(a, 20) for a in answers]
+    if tty:
+        if not first:
+            sys.stdout.write(f"\033[{len(lines)}F")
+        for a, line in zip(answers, lines):
+            sys.stdout.write("\033[K" + click.style(line, fg=COLORS[a["state"]]) + "\n")
+        sys.stdout.flush()
+    else:
+        for line in lines:
+            click.echo(line)
+        click.echo("")
+
+
+def run_demo(app, jobs: int = 6, seed: int = 7) -> None:
+    base = app.settings
+    settings = Settings(redis_url=base.redis_url, data_dir=base.data_dir,
+                        prefix=f"{base.prefix}-demo", ttl=base.ttl)
+    d = Deployment.open(settings)
+    for pattern in (f"{{{settings.prefix}:*", f"{settings.prefix}:*"):  # a fresh demo each run
+        stale = list(d.client.scan_iter(match=pattern, count=1000))
+        if stale:
+            d.client.delete(*stale)
+    d = Deployment.open(settings)
+    tracker, pub = Tracker(d), Publisher(d)
+    rng = random.Random(seed)
+    stamp = time.strftime("%H%M%S")
+    jids = [f"{PLANS[i % len(PLANS)][0]}-{stamp}-{i}" for i in range(jobs)]
+    click.echo(f"tracker demo on {settings.where()} (prefix {settings.prefix!r}): "
+               f"{jobs} jobs, a projector, live TRACK GET\n")
+
+    projector = Projector(d, consumer="demo")
+    folding = threading.Thread(target=projector.run, kwargs={"report_every": 3600}, daemon=True)
+    folding.start()
+    stop = threading.Event()
+    workers = [threading.Thread(target=_job, daemon=True,
+                                args=(pub, tracker, jid, PLANS[i % len(PLANS)],
+                                      random.Random(rng.random()), stop))
+               for i, jid in enumerate(jids)]
+    for w in workers:
+        w.start()
+    tty = sys.stdout.isatty()
+    first, last_print = True, 0.0
+    try:
+        while any(w.is_alive() for w in workers):
+            if tty or time.monotonic() - last_print > 1.0:
+                _draw(tracker.get_many(jids), tty, first)
+                first, last_print = False, time.monotonic()
+            time.sleep(0.1)
+        time.sleep(0.3)  # let the projector fold the last events
+        _draw(tracker.get_many(jids), tty, first)
+    finally:
+        stop.set()
+        projector.stop()
+        folding.join(timeout=5)
+    click.echo("\nFinal TRACK GET answers:")
+    enc = msgspec.json.Encoder()
+    for answer in tracker.get_many(jids):
+        click.echo(enc.encode(answer))
+    click.echo(f"\nUntracked jobs answer 'unknown'. Try: tracker --prefix {settings.prefix} "
+               f"get {jids[1]}")
