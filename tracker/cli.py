@@ -31,6 +31,7 @@ class App:
     def __init__(self, settings: Settings):
         self.settings = settings
         self._deployment: Optional[Deployment] = None
+        self.verbose = 0
 
     @property
     def deployment(self) -> Deployment:
@@ -70,6 +71,7 @@ def cli(ctx, redis_url, data_dir, prefix, partitions, ttl, verbose):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx.obj = App(Settings.from_env(redis_url=redis_url, data_dir=data_dir, prefix=prefix,
                                     partitions=partitions, ttl=ttl))
+    ctx.obj.verbose = verbose
 
 
 # --------------------------------------------------------------------------- emit
@@ -212,7 +214,8 @@ def project(app, consumer, once, batch, claim_idle, as_json):
         return
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: proj.stop())
-    logging.getLogger("tracker").setLevel(min(logging.getLogger().level, logging.INFO))
+    # A daemon reports what it does by default (batches, rates, claims, DLQ); -v adds each batch.
+    logging.getLogger("tracker").setLevel(logging.DEBUG if app.verbose else logging.INFO)
     proj.run()
 
 

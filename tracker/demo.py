@@ -58,18 +58,19 @@ def _job(pub: Publisher, tracker: Tracker, jid: str, plan, rng: random.Random, s
             time.sleep(0.3)
 
 
-def _draw(answers: list[dict], tty: bool, first: bool) -> None:
+def _draw(answers: list[dict], tty: bool, first: bool, footer: str) -> None:
     lines = [f"{a['jid']:<22} " + render(a, 20) for a in answers]
     if tty:
         if not first:
-            sys.stdout.write(f"\033[{len(lines)}F")
+            sys.stdout.write(f"\033[{len(lines) + 1}F")
         for a, line in zip(answers, lines):
             sys.stdout.write("\033[K" + click.style(line, fg=COLORS[a["state"]]) + "\n")
+        sys.stdout.write("\033[K" + click.style(footer, dim=True) + "\n")
         sys.stdout.flush()
     else:
         for line in lines:
             click.echo(line)
-        click.echo("")
+        click.echo(footer + "\n")
 
 
 def run_demo(app, jobs: int = 6, seed: int = 7) -> None:
@@ -101,14 +102,19 @@ def run_demo(app, jobs: int = 6, seed: int = 7) -> None:
         w.start()
     tty = sys.stdout.isatty()
     first, last_print = True, 0.0
+
+    def footer() -> str:
+        t = projector.totals
+        return f"projector: {t.folded} events folded in {t.batches} atomic batches"
+
     try:
         while any(w.is_alive() for w in workers):
             if tty or time.monotonic() - last_print > 1.0:
-                _draw(tracker.get_many(jids), tty, first)
+                _draw(tracker.get_many(jids), tty, first, footer())
                 first, last_print = False, time.monotonic()
             time.sleep(0.1)
         time.sleep(0.3)  # let the projector fold the last events
-        _draw(tracker.get_many(jids), tty, first)
+        _draw(tracker.get_many(jids), tty, first, footer())
     finally:
         stop.set()
         projector.stop()
