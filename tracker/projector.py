@@ -20,7 +20,7 @@ from typing import Optional
 import redis
 
 from tracker import keys
-from tracker.config import Deployment, client_for, unavailable
+from tracker.config import Deployment, unavailable
 from tracker.scripts import LIMITS, Scripts
 
 log = logging.getLogger("tracker.projector")
@@ -133,9 +133,9 @@ class Projector:
 
     # -- the daemon -----------------------------------------------------------
     def _worker(self, part: int) -> None:
-        """Loop for one partition, with its own connection (it blocks in XREAD)."""
-        client = client_for(self.d.settings, socket_timeout=self.block_ms / 1000 + 10)
-        scripts = Scripts(client)
+        """Loop for one partition. The client's pool gives each thread its own
+        connection per command, so a blocking XREAD here holds up no one else."""
+        client, scripts = self.d.client, self.d.scripts
         stream = keys.stream(self.d.prefix, part)
         backoff = 0.05
         while not self.stopping.is_set():
@@ -159,7 +159,6 @@ class Projector:
                 log.error("partition %d: Redis error %s; retrying in %.1fs", part, e, backoff)
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
-        client.close()
 
     def run(self, report_every: float = 10.0) -> None:
         """Run until ``stop()``; each thread finishes its batch (atomic) and leaves."""

@@ -1,0 +1,157 @@
+"""TRACK GET and TRACK SET on redis.asyncio, for ``tracker serve``.
+
+The async twin of ``tracker.query.Tracker``: the same key names, the same
+``get.lua``, the same validation and the same answer-building helpers
+(``query.plan``, ``query.track_answer``, ``events.decode_trackset_json``), so
+the two cannot drift apart. Only the transport differs.
+
+``get`` coalesces: every GET asked for in one turn of the event loop goes to
+Redis together, one ``get.lua`` call per partition in one pipeline, exactly as
+``Tracker.get_many`` does. With many connections the server then pays one
+round trip per loop turn instead of one per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Optional
+
+import redis
+import redis.asyncio as aredis
+from redis.exceptions import NoScriptError
+
+from tracker import embedded, events, keys
+from tracker.config import Deployment, Settings, unavailable
+from tracker.errors import ConfigError
+from tracker.query import plan, track_answer, unknown  # noqa: F401  (unknown: re-exported)
+from tracker.scripts import source
+
+
+def async_client_for(settings: Settings, max_connections: int = 64,
+                     socket_timeout: Optional[float] = 10.0) -> aredis.Redis:
+    """The redis.asyncio twin of ``config.client_for`` (same URL rules, same embedded socket)."""
+    common = dict(socket_timeout=socket_timeout, socket_connect_timeout=5,
+                  max_connections=max_connections)
+    if settings.redis_url:
+        try:
+            return aredis.Redis.from_url(settings.redis_url, **common)
+        except ValueError as e:
+            from tracker.config import redact
+
+            raise ConfigError(f"redis-url: {e}".replace(settings.redis_url,
+                                                        redact(settings.redis_url))) from None
+    sock = embedded.ensure(settings.data_dir)
+    return aredis.Redis(unix_socket_path=str(sock), **common)
+
+
+class AsyncTracker:
+    """TRACK GET / TRACK SET for one deployment, on an asyncio Redis client.
+
+    Build it with ``await AsyncTracker.open(settings)``; it duck-types the parts of
+    ``Deployment`` that ``query.plan`` needs (``partition``).
+    """
+
+    def __init__(self, client: aredis.Redis, settings: Settings, partitions: int):
+        self.client = client
+        self.settings = settings
+        self.prefix = settings.prefix
+        self.partitions = partitions
+        self._get_src = source("get")
+        self._sha: Optional[str] = None
+        self._waiting: dict[int, list[tuple[str, asyncio.Future]]] = {}
+        self._flushing = False
+
+    @classmethod
+    async def open(cls, settings: Settings, partitions: Optional[int] = None,
+                   max_connections: int = 64) -> "AsyncTracker":
+        """Connect; the partition count comes from Redis via the sync ``Deployment.open``
+        (same version check, same agreement rule) unless the caller already knows it."""
+        if partitions is None:
+            d = await asyncio.to_thread(Deployment.open, settings)
+            partitions = d.partitions
+            d.close()
+        t = cls(async_client_for(settings, max_connections), settings, partitions)
+        await t.load_scripts()
+        return t
+
+    async def load_scripts(self) -> None:
+        try:
+            self._sha = await self.client.script_load(self._get_src)
+        except redis.RedisError as e:
+            raise unavailable(self.settings, e) from e
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    def partition(self, jid: str) -> int:
+        return keys.partition_of(jid, self.partitions)
+
+    # ------------------------------------------------------------------ GET
+    async def get(self, jid: str) -> dict:
+        """TRACK GET: the contract's object (never None). Raises ValidationError for a bad JID."""
+        (part, _), = plan(self, [jid]).items()
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(part, []).append((jid, fut))
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return await fut
+
+    async def get_many(self, jids: list[str]) -> list[dict]:
+        """TRACK GET for many JIDs, in order (they share the coalesced round trips)."""
+        return list(await asyncio.gather(*(self.get(j) for j in jids)))
+
+    def _flush(self) -> None:
+        self._flushing = False
+        batch, self._waiting = self._waiting, {}
+        if batch:
+            asyncio.ensure_future(self._fetch(batch))
+
+    async def _fetch(self, batch: dict[int, list[tuple[str, asyncio.Future]]]) -> None:
+        try:
+            replies = await self._call(batch)
+        except BaseException as e:  # every waiter hears about it, nothing hangs
+            err = unavailable(self.settings, e) if isinstance(e, redis.RedisError) else e
+            for group in batch.values():
+                for _jid, fut in group:
+                    if not fut.done():
+                        fut.set_exception(err)
+            if not isinstance(e, Exception):
+                raise
+            return
+        for group, reply in zip(batch.values(), replies):
+            now = int(reply[0])
+            for (jid, fut), row in zip(group, reply[1:]):
+                if not fut.done():
+                    fut.set_result(track_answer(jid, row, now))
+
+    def _args(self, part: int, group: list) -> list:
+        return [self._sha, 1, keys.stream(self.prefix, part),
+                keys.snapshot_prefix(self.prefix, part), *(jid for jid, _ in group)]
+
+    async def _call(self, batch: dict) -> list:
+        for attempt in (0, 1):
+            try:
+                if len(batch) == 1:
+                    (part, group), = batch.items()
+                    return [await self.client.evalsha(*self._args(part, group))]
+                pipe = self.client.pipeline(transaction=False)
+                for part, group in batch.items():
+                    pipe.evalsha(*self._args(part, group))
+                return await pipe.execute()
+            except NoScriptError:  # Redis restarted or SCRIPT FLUSH: load once more
+                if attempt:
+                    raise
+                self._sha = await self.client.script_load(self._get_src)
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------------ SET
+    async def set_json(self, payload: bytes | str) -> str:
+        """TRACK SET with Faktory's JSON payload: validate, append; returns the entry ID."""
+        ev = events.decode_trackset_json(payload)
+        try:
+            entry = await self.client.xadd(keys.stream(self.prefix, self.partition(ev.jid)),
+                                           events.encode_entry(ev))
+        except redis.RedisError as e:
+            raise unavailable(self.settings, e) from e
+        return entry.decode()

@@ -1,0 +1,409 @@
+"""``tracker serve``: the Faktory Work Protocol, for TRACK GET and TRACK SET.
+
+Unmodified Faktory clients (Go, Ruby, Node, Python) point a connection here and
+send the Enterprise tracking commands through their raw-command path. The
+protocol is line based: the server greets ``+HI {...}``, the client answers
+``HELLO {json}``, then one command per line (``\\r\\n`` or a bare ``\\n``), one
+reply per command, in order.
+
+Built on ``asyncio.Protocol`` rather than streams: one object per connection,
+no task per connection, so thousands of idle sockets cost little and every
+limit (line length, idle and handshake time, connection count, unread output)
+is enforced in one place. Redis work goes through ``tracker.aio`` and never
+blocks the loop; concurrent TRACK GETs share round trips there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional
+
+import msgspec
+
+from tracker import events
+from tracker.aio import AsyncTracker
+from tracker.config import Deployment, Settings
+from tracker.errors import RedisUnavailable, TrackerError, ValidationError
+
+log = logging.getLogger("tracker.server")
+
+PROTOCOL_VERSION = 2
+CLOSE_GRACE = 5.0  # seconds a closing connection may take to read its last reply
+SHUTDOWN_GRACE = 10.0  # seconds SIGTERM waits for in-flight commands
+PAUSE_AT = 256 * 1024  # unparsed bytes buffered while busy before we stop reading
+_json = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_line: int = 1024 * 1024
+    idle_timeout: float = 300.0
+    max_connections: int = 1000
+    handshake_timeout: float = 5.0
+
+
+class Hello(msgspec.Struct):
+    """HELLO's JSON. Unknown fields are ignored (clients add their own)."""
+
+    hostname: Optional[str] = None
+    v: Optional[int] = None
+    wid: Optional[str] = None
+    pid: Optional[int] = None
+    labels: Optional[list[str]] = None
+    pwdhash: Optional[str] = None
+
+
+_hello = msgspec.json.Decoder(Hello)
+
+
+def pwdhash(password: str, salt: str, iterations: int) -> str:
+    """Faktory's hash: sha256(password + salt), then ``iterations - 1`` more rounds."""
+    h = hashlib.sha256((password + salt).encode()).digest()
+    for _ in range(iterations - 1):
+        h = hashlib.sha256(h).digest()
+    return h.hex()
+
+
+def _check_password(password: str, salt: str, iterations: int, given: str) -> bool:
+    """Constant-time. Also accepts the single-round hash, which the PyPI ``faktory``
+    client (1.0.0) sends whatever ``i`` says; the salt is fresh per connection, so
+    this opens no replay and makes online guessing no easier."""
+    given_b = given.encode("ascii", "replace")
+    full = hmac.compare_digest(given_b, pwdhash(password, salt, iterations).encode())
+    once = hmac.compare_digest(given_b, pwdhash(password, salt, 1).encode())
+    return full | once
+
+
+def _shown(raw: bytes, limit: int = 60) -> str:
+    """A client's bytes, safe to echo on one reply line."""
+    text = raw[:limit].decode("utf-8", "replace")
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text + ("..." if len(raw) > limit else "")
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, server: "Server"):
+        self.server = server
+        self.transport: Optional[asyncio.Transport] = None
+        self.buf = bytearray()
+        self.authed = False
+        self.busy = False  # a command is in flight; later lines wait in buf
+        self.closing = False
+        self.closed = False
+        self.paused = False  # we stopped reading (busy with a full buffer, or peer not reading)
+        self.writable = True
+        self.salt = ""
+        self.iterations = 0
+        now = time.monotonic()
+        self.started = self.active = self.closing_since = now
+
+    # -- asyncio callbacks -----------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        srv = self.server
+        if len(srv.conns) >= srv.limits.max_connections or srv.stopping:
+            transport.write(b"-ERR too many connections\r\n" if not srv.stopping
+                            else b"-ERR shutting down\r\n")
+            self.closed = True
+            transport.close()
+            return
+        srv.conns.add(self)
+        if srv.password:
+            self.salt = secrets.token_hex(8)
+            self.iterations = 4096 + secrets.randbelow(4096)  # Faktory's range
+            transport.write(b'+HI {"v":2,"i":%d,"s":"%s"}\r\n'
+                            % (self.iterations, self.salt.encode()))
+        else:
+            transport.write(b'+HI {"v":2}\r\n')
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.server.conns.discard(self)
+        self.server.lost.set()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.active = time.monotonic()
+        self.buf += data
+        self.process()
+
+    def pause_writing(self) -> None:  # the peer is not reading its replies
+        self.writable = False
+        self._pause()
+
+    def resume_writing(self) -> None:
+        self.writable = True
+        if not self.busy:
+            self._resume()
+            self.process()
+
+    # -- line handling -----------------------------------------------------------
+    def process(self) -> None:
+        buf = self.buf
+        limit = self.server.limits.max_line
+        while not self.busy and not self.closing and self.writable:
+            end = buf.find(b"\n", 0, limit + 2)
+            if end < 0:
+                if len(buf) > limit:
+                    self.fail(f"line too long (max {limit} bytes)")
+                return
+            line = bytes(buf[:end])
+            del buf[:end + 1]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if len(line) > limit:
+                self.fail(f"line too long (max {limit} bytes)")
+                return
+            if line:
+                self.command(line)
+        if self.busy and len(buf) > PAUSE_AT:
+            self._pause()
+
+    def command(self, line: bytes) -> None:
+        verb, _, rest = line.partition(b" ")
+        if not self.authed:
+            if verb != b"HELLO":
+                self.fail(f"expected HELLO, got {_shown(verb, 20)}")
+            else:
+                self.hello(rest)
+            return
+        if verb == b"TRACK":
+            sub, _, arg = rest.partition(b" ")
+            if sub == b"GET":
+                self.run_async(self.track_get(arg))
+            elif sub == b"SET":
+                self.run_async(self.track_set(arg))
+            else:
+                self.error(f"TRACK: expected GET or SET, got {_shown(sub, 20)!r}")
+        elif verb == b"END":
+            self.close()
+        elif verb == b"BEAT":  # worker heartbeats (pyfaktory consumers send them at once)
+            self.write(b"+OK\r\n")
+        elif verb == b"HELLO":
+            self.error("HELLO already received")
+        else:
+            self.error(f"unknown command {_shown(verb, 40)}")
+
+    def hello(self, raw: bytes) -> None:
+        try:
+            hello = _hello.decode(raw)
+        except msgspec.ValidationError as e:
+            field, problem = events._msg(e, {})
+            return self.fail(f"Invalid HELLO: {field}: {problem}")
+        except msgspec.DecodeError:
+            return self.fail("Invalid HELLO: expected a JSON object")
+        if hello.v is not None and hello.v < PROTOCOL_VERSION:
+            return self.fail(f"Invalid HELLO: protocol version {hello.v}, tracker speaks 2")
+        if not self.server.password:
+            self.authed = True
+            self.write(b"+OK\r\n")
+            return
+        if not hello.pwdhash:
+            return self.fail("Invalid password")
+        self.run_async(self.check(hello.pwdhash))
+
+    async def check(self, given: str) -> bytes:
+        ok = await asyncio.to_thread(_check_password, self.server.password, self.salt,
+                                     self.iterations, given)  # ~10 ms of hashing: off the loop
+        if not ok:
+            log.info("wrong password from %s", self.peer())
+            self.closing = True  # the reply below is the last
+            return b"-ERR Invalid password\r\n"
+        self.authed = True
+        return b"+OK\r\n"
+
+    async def track_get(self, arg: bytes) -> bytes:
+        jid = arg.decode("utf-8", "replace")
+        body = _json.encode(await self.server.tracker.get(jid))
+        return b"$%d\r\n%s\r\n" % (len(body), body)
+
+    async def track_set(self, payload: bytes) -> bytes:
+        if not payload:
+            raise ValidationError("payload", "expected a JSON object after TRACK SET")
+        await self.server.tracker.set_json(payload)
+        return b"+OK\r\n"
+
+    # -- running a command -------------------------------------------------------
+    def run_async(self, coro) -> None:
+        self.busy = True
+        self.server.inflight += 1
+        asyncio.ensure_future(coro).add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self.server.inflight -= 1
+        self.busy = False
+        if task.cancelled():
+            return self.close()
+        exc = task.exception()
+        if exc is None:
+            reply = task.result()
+        elif isinstance(exc, ValidationError):
+            reply = self.err_line(str(exc))
+        elif isinstance(exc, RedisUnavailable):
+            log.warning("%s", exc)
+            reply = b"-ERR tracker cannot reach its Redis; try again\r\n"
+        else:
+            if not isinstance(exc, TrackerError):
+                log.error("internal error", exc_info=exc)
+            reply = b"-ERR internal error\r\n"
+        self.write(reply)
+        if self.closing or self.server.stopping:
+            return self.close()
+        self._resume()
+        self.process()
+
+    # -- replies and closing ------------------------------------------------------
+    @staticmethod
+    def err_line(message: str) -> bytes:
+        text = "".join(c if c.isprintable() else " " for c in message)[:500]
+        return b"-ERR %s\r\n" % text.encode("utf-8", "replace")
+
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def error(self, message: str) -> None:
+        self.write(self.err_line(message))
+
+    def fail(self, message: str) -> None:
+        """An error that ends the connection (handshake, limits)."""
+        self.error(message)
+        self.close()
+
+    def close(self) -> None:
+        """Close once the reply in flight (if any) has been written."""
+        if not self.closing:
+            self.closing = True
+            self.closing_since = time.monotonic()
+        self.buf.clear()
+        if not self.busy and self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _pause(self) -> None:
+        if not self.paused and self.transport is not None and not self.closed:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self.paused and self.writable and not self.closed and not self.closing:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def peer(self) -> str:
+        info = self.transport.get_extra_info("peername") if self.transport else None
+        return f"{info[0]}:{info[1]}" if isinstance(info, tuple) else "?"
+
+
+class Server:
+    """The listening socket, its connections and the sweeper enforcing time limits."""
+
+    def __init__(self, settings: Settings, partitions: int, password: Optional[str],
+                 limits: Limits):
+        self.settings = settings
+        self.partitions = partitions
+        self.password = password or None
+        self.limits = limits
+        self.conns: set[Connection] = set()
+        self.inflight = 0
+        self.stopping = False
+        self.tracker: Optional[AsyncTracker] = None
+        self.port: Optional[int] = None
+        self._server: Optional[asyncio.base_events.Server] = None
+        self._stop: Optional[asyncio.Event] = None
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.lost = asyncio.Event() if False else None  # made on the loop in serve()
+
+    async def serve(self, host: str, port: int, ready: Optional[threading.Event] = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self.lost = asyncio.Event()
+        self.tracker = await AsyncTracker.open(self.settings, self.partitions,
+                                               max_connections=64)
+        try:
+            self._server = await self.loop.create_server(lambda: Connection(self), host, port,
+                                                         backlog=1024, reuse_address=True)
+            sock = self._server.sockets[0].getsockname()
+            self.port = sock[1]
+            log.info("serving Faktory protocol on %s:%d", host, self.port)
+            if ready is not None:
+                ready.set()
+            sweeper = asyncio.ensure_future(self._sweep())
+            await self._stop.wait()
+            log.info("stopping: no new connections, finishing %d in-flight command(s)",
+                     self.inflight)
+            self.stopping = True
+            self._server.close()
+            for c in list(self.conns):
+                c.close()
+            deadline = time.monotonic() + SHUTDOWN_GRACE
+            while self.conns and time.monotonic() < deadline:
+                self.lost.clear()
+                try:
+                    await asyncio.wait_for(self.lost.wait(), 0.1)
+                except asyncio.TimeoutError:
+                    pass
+            for c in list(self.conns):
+                c.transport.abort()
+            sweeper.cancel()
+            await self._server.wait_closed()
+        finally:
+            await self.tracker.close()
+            log.info("stopped")
+
+    def stop(self) -> None:
+        """Thread-safe: begin a graceful shutdown."""
+        if self.loop is not None and self._stop is not None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+
+    async def _sweep(self) -> None:
+        lim = self.limits
+        tick = max(0.02, min(1.0, lim.idle_timeout / 4, lim.handshake_timeout / 4))
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            for c in list(self.conns):
+                if c.closing:
+                    if now - c.closing_since > CLOSE_GRACE and c.transport is not None:
+                        c.transport.abort()  # the peer does not read its last reply
+                elif c.busy:
+                    continue
+                elif not c.authed and now - c.started > lim.handshake_timeout:
+                    c.fail("handshake timeout")
+                elif now - c.active > lim.idle_timeout:
+                    c.fail("idle timeout")
+
+
+def run(settings: Settings, host: str, port: int, password: Optional[str], max_line: int,
+        idle_timeout: float, max_connections: int, handshake_timeout: float) -> None:
+    """Serve until SIGINT/SIGTERM. Redis problems at start raise TrackerError (exit 1)."""
+    d = Deployment.open(settings)  # version check, partition agreement, clean errors
+    partitions = d.partitions
+    d.close()
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)  # a daemon says where it listens and when it stops
+    server = Server(settings, partitions, password,
+                    Limits(max_line, idle_timeout, max_connections, handshake_timeout))
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, server.stop)
+            except (ValueError, RuntimeError, NotImplementedError):
+                pass  # not the main thread: the caller stops us with server.stop()
+        await server.serve(host, port)
+
+    try:
+        asyncio.run(main())
+    except OSError as e:
+        raise TrackerError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
