@@ -91,17 +91,18 @@ def cleanup(client: redis.Redis, prefix: str) -> int:
 
 
 def reset_projection(d: Deployment) -> None:
-    """Forget what was folded (snapshots, groups, stats) but keep the log."""
+    """Forget everything folded (snapshots, any index, groups, stats) but keep the log."""
     c = d.client
     for part in range(d.partitions):
-        batch = list(c.scan_iter(match=keys.snapshot_prefix(d.prefix, part) + "*", count=5000))
+        log = keys.stream(d.prefix, part).encode()
+        batch = [k for k in c.scan_iter(match=keys.tag(d.prefix, part) + ":*", count=5000)
+                 if k != log]
         for i in range(0, len(batch), 1000):
             c.unlink(*batch[i:i + 1000])
         try:
             c.xgroup_destroy(keys.stream(d.prefix, part), keys.GROUP)
         except redis.ResponseError:
             pass
-        c.unlink(keys.stats(d.prefix, part), keys.dlq(d.prefix, part))
 
 
 # --------------------------------------------------------------------- job mix

@@ -159,7 +159,12 @@ def read_snapshots(d: Deployment, part: int = None) -> dict:
     """Every snapshot hash of the deployment (or one partition), by JID."""
     out = {}
     for p in range(d.partitions) if part is None else [part]:
-        pre = keys.snapshot_prefix(d.prefix, p).encode()
+        pre = keys.snapshot_prefix(d.prefix, p)
+        if hasattr(keys, "meta"):  # a rebuild may have switched to another generation
+            gen = d.client.hget(keys.meta(d.prefix, p), "gen")
+            if gen and gen != b"0":
+                pre = keys.snapshot_prefix_gen(d.prefix, p, int(gen))
+        pre = pre.encode()
         for key in d.client.scan_iter(match=pre + b"*", count=1000):
             out[key[len(pre):].decode()] = d.client.hgetall(key)
     return out

@@ -161,9 +161,18 @@ def set_(app, jid, percent, desc, reserve_until):
 
 @cli.command()
 @click.argument("jids", nargs=-1, required=True, metavar="JID...")
+@click.option("--at", metavar="TIME", help="The track as it stood then: RFC 3339 or relative "
+                                           "(-10m), folded from the job's history.")
 @pass_app
-def get(app, jids):
+def get(app, jids, at):
     """TRACK GET: print each job's track, one JSON object per line."""
+    if at is not None:
+        from tracker import history
+
+        when = history.parse_when(at, history.redis_now_ms(app.deployment))
+        for jid in jids:
+            click.echo(_json.encode(history.track_at(app.deployment, jid, when)))
+        return
     for answer in app.tracker.get_many(jids):
         click.echo(_json.encode(answer))
 
@@ -316,3 +325,8 @@ def main() -> None:
 
 # ------------------------------------------------------------ extension commands
 # Commands that live in their own modules register here (one line each).
+from tracker.cli_dlq import dlq  # noqa: E402
+cli.add_command(dlq)
+from tracker.cli_replay import export, history, import_, replay, trim  # noqa: E402
+for _command in (replay, history, trim, export, import_):
+    cli.add_command(_command)

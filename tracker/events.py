@@ -115,7 +115,7 @@ class PoisonEntry(Exception):
         super().__init__(reason)
 
 
-def _msg(err: msgspec.ValidationError, names: dict[str, str]) -> tuple[str, str]:
+def split_error(err: msgspec.ValidationError, names: dict[str, str]) -> tuple[str, str]:
     """Split msgspec's message into (field, problem) using long field names."""
     text = str(err)
     m = re.search(r" - at `\$\.(\w+)`", text)
@@ -164,7 +164,7 @@ def decode_entry(fields: dict) -> AnyEvent:
     try:
         return _convert(d, EVENT_TYPES[t])
     except msgspec.ValidationError as e:
-        field, problem = _msg(e, FIELD_NAMES)
+        field, problem = split_error(e, FIELD_NAMES)
         raise PoisonEntry(f"{field}: {problem}") from None
 
 
@@ -220,7 +220,7 @@ _REQ_NAMES = {f: f for f in ("jid", "percent", "desc", "reserve_until")}
 MAX_REQUEST = 16 * 1024  # a TRACK SET payload larger than this is refused unread
 
 
-def _check_jid(jid: Any) -> str:
+def check_jid(jid: Any) -> str:
     if not isinstance(jid, str):
         raise ValidationError("jid", f"expected a string, got {type(jid).__name__}")
     if not re.fullmatch(JID_PATTERN, jid):
@@ -235,7 +235,7 @@ def _check_jid(jid: Any) -> str:
 def make_trackset(jid: Any, percent: Any = None, desc: Any = None, reserve_until: Any = None,
                   *, now_ms: Optional[int] = None) -> TrackSet:
     """Validate a TRACK SET from keyword arguments."""
-    _check_jid(jid)
+    check_jid(jid)
     if percent is not None and (type(percent) is not int or not 0 <= percent <= 100):
         raise ValidationError("percent", f"expected an integer 0..100, got {percent!r}"[:120])
     if desc is not None:
@@ -261,12 +261,15 @@ def make_trackset(jid: Any, percent: Any = None, desc: Any = None, reserve_until
 
 def decode_trackset_json(raw: bytes | str, *, now_ms: Optional[int] = None) -> TrackSet:
     """Validate TRACK SET's JSON payload (as the Faktory command carries it)."""
+    if not isinstance(raw, (bytes, bytearray, memoryview, str)):
+        raise ValidationError("payload", f"expected JSON text, got {type(raw).__name__}")
     if len(raw) > MAX_REQUEST:
         raise ValidationError("payload", f"larger than {MAX_REQUEST} bytes")
     try:
         req = _set_decoder.decode(raw)
     except msgspec.ValidationError as e:
-        raise ValidationError(*_msg(e, _REQ_NAMES)) from None
+        field, problem = split_error(e, _REQ_NAMES)  # "event" = the top level: not an object
+        raise ValidationError("payload" if field == "event" else field, problem) from None
     except msgspec.DecodeError as e:
         raise ValidationError("payload", f"not a JSON object ({e})") from None
     return make_trackset(req.jid, req.percent, req.desc, req.reserve_until, now_ms=now_ms)
@@ -317,18 +320,18 @@ def is_tracked(custom: Any) -> bool:
 
 
 def make_enqueued(jid, custom=None, queue=None, jobtype=None, reserve_for=None) -> Enqueued:
-    return Enqueued(jid=_check_jid(jid), track=is_tracked(custom), queue=_name("queue", queue),
+    return Enqueued(jid=check_jid(jid), track=is_tracked(custom), queue=_name("queue", queue),
                     jobtype=_name("jobtype", jobtype), reserve_for=_reserve(reserve_for))
 
 
 def make_working(jid, reserve_for=None) -> Working:
-    return Working(jid=_check_jid(jid), reserve_for=_reserve(reserve_for))
+    return Working(jid=check_jid(jid), reserve_for=_reserve(reserve_for))
 
 
 def make_success(jid) -> Success:
-    return Success(jid=_check_jid(jid))
+    return Success(jid=check_jid(jid))
 
 
 def make_failure(cls, jid, errtype=None, message=None):
-    return cls(jid=_check_jid(jid), errtype=_cap(errtype, "errtype", MAX_ERRTYPE),
+    return cls(jid=check_jid(jid), errtype=_cap(errtype, "errtype", MAX_ERRTYPE),
                message=_cap(message, "message", MAX_MESSAGE))

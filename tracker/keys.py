@@ -52,3 +52,50 @@ def partition_of(jid: str, partitions: int) -> int:
     if partitions == 1:
         return 0
     return zlib.crc32(jid.encode()) % partitions
+
+
+# ------------------------------------------------------------- replay, history
+# Lua derives the first three of these from snapshot_prefix() with the same rules
+# (tracker/lua/snapshot.lua, Snap.keys); tests/test_replay.py checks they agree.
+
+def meta(prefix: str, partition: int) -> str:
+    """Hash of per-partition settings the scripts read: ``gen`` (snapshot
+    generation, absent = 0) and ``retention`` (ms, for history index expiry)."""
+    return f"{tag(prefix, partition)}:meta"
+
+
+def snapshot_prefix_gen(prefix: str, partition: int, gen: int) -> str:
+    """Snapshot key prefix of generation ``gen``; generation 0 is today's name.
+
+    ``{p}:t:`` and ``{p}:t<g>:`` can never share a key (the character after
+    ``t`` differs), whatever the JID holds.
+    """
+    if gen == 0:
+        return snapshot_prefix(prefix, partition)
+    return f"{tag(prefix, partition)}:t{gen}:"
+
+
+def history_prefix(prefix: str, partition: int) -> str:
+    """Per-job history index keys are this prefix plus the JID."""
+    return f"{tag(prefix, partition)}:h:"
+
+
+def history(prefix: str, partition: int, jid: str) -> str:
+    """String of packed 10-byte entry IDs (6 bytes ms, 4 bytes seq, big-endian)."""
+    return history_prefix(prefix, partition) + jid
+
+
+def replay_state(prefix: str, partition: int) -> str:
+    """Hash of a rebuild in progress (new gen, position); its lock, with a TTL."""
+    return f"{tag(prefix, partition)}:replay"
+
+
+def replay_held(prefix: str, partition: int) -> str:
+    """Sorted set (score = expires_at) of rebuilt tracks kept alive past expiry
+    while the rebuild still folds older entries; settled at the switch."""
+    return f"{tag(prefix, partition)}:replay:held"
+
+
+def replay_partial(prefix: str, partition: int) -> str:
+    """Set of JIDs whose first events were trimmed: the rebuild keeps their live snapshot."""
+    return f"{tag(prefix, partition)}:replay:partial"

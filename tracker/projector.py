@@ -21,7 +21,7 @@ import redis
 
 from tracker import keys
 from tracker.config import Deployment, unavailable
-from tracker.scripts import LIMITS, Scripts
+from tracker.scripts import LIMITS, Scripts, call_many
 
 log = logging.getLogger("tracker.projector")
 
@@ -57,6 +57,7 @@ class Projector:
         self.dlq_maxlen = dlq_maxlen
         self.totals = Totals()
         self.stopping = threading.Event()
+        self._warned_lag: set[int] = set()
 
     # -- one step -------------------------------------------------------------
     def _args(self, part: int) -> tuple[list, list]:
@@ -86,7 +87,21 @@ class Projector:
             self.ensure_group(part, client)
             n, poisoned, last, claimed, waiting = script(keys=k, args=a, client=client)
         self._account(part, n, poisoned, claimed)
+        if n:
+            self._check_lag(part, last)
         return n, poisoned, last, claimed, waiting
+
+    def _check_lag(self, part: int, last) -> None:
+        """Warn when folding entries older than the expiry grace (see project.lua):
+        a snapshot key may have expired physically before a late event reached it."""
+        at = int((last.decode() if isinstance(last, bytes) else last).split("-")[0])
+        behind = time.time() * 1000 - at
+        if behind > self.d.grace_ms and part not in self._warned_lag:
+            self._warned_lag.add(part)
+            log.warning("partition %d: folding events %.0fs old, more than the %ds expiry grace; "
+                        "tracks that expired meanwhile may have missed late events: run "
+                        "`tracker replay` once caught up", part, behind / 1000,
+                        self.d.grace_ms // 1000)
 
     def _account(self, part: int, n: int, poisoned: int, claimed: int) -> None:
         if n:
@@ -107,20 +122,19 @@ class Projector:
         start = self.totals.folded + self.totals.dead_lettered
         try:
             while busy and not self.stopping.is_set():
-                pipe = self.d.client.pipeline(transaction=False)
                 order = sorted(busy)
-                k_a = [self._args(p) for p in order]
-                for k, a in k_a:
-                    self.d.scripts.project(keys=k, args=a, client=pipe)
-                replies = pipe.execute(raise_on_error=False)
+                replies = call_many(self.d.client, self.d.scripts.project,
+                                    [self._args(p) for p in order])
                 for part, reply in zip(order, replies):
                     if isinstance(reply, Exception):
                         if "NOGROUP" in str(reply):
                             self.ensure_group(part)
                             continue
                         raise reply
-                    n, poisoned, _last, claimed, waiting = reply
+                    n, poisoned, last, claimed, waiting = reply
                     self._account(part, n, poisoned, claimed)
+                    if n:
+                        self._check_lag(part, last)
                     if progress and n:
                         progress(n)
                     if n == 0 and not waiting:
@@ -171,7 +185,11 @@ class Projector:
         for t in threads:
             t.start()
         last_t, last_n = time.monotonic(), 0
-        while not self.stopping.wait(report_every):
+        from tracker.retention import Keeper
+
+        keeper = Keeper(self.d)  # periodic trim by age (tracker/retention.py)
+        while not self.stopping.wait(min(report_every, keeper.every)):
+            keeper.tick()
             now, n = time.monotonic(), self.totals.folded
             if n != last_n:
                 log.info("folded %d events (%.0f/s), dead-lettered %d, claimed %d, in %d batches",

@@ -16,6 +16,7 @@ import redis
 from tracker import events, keys
 from tracker.config import Deployment, Settings, unavailable
 from tracker.publisher import Publisher
+from tracker.scripts import call_many
 
 _TERMINAL = frozenset({"success", "failed", "dead"})
 
@@ -47,11 +48,17 @@ def reservation(row: list, now_ms: int) -> Optional[dt.datetime]:
     return dt.datetime.fromtimestamp(int(r) / 1000, dt.timezone.utc)
 
 
+def get_call(prefix: str, part: int, jids: list[str]) -> tuple[list, list]:
+    """KEYS and ARGV of get.lua for some JIDs of one partition (sync and asyncio callers)."""
+    return ([keys.stream(prefix, part), keys.meta(prefix, part)],
+            [keys.snapshot_prefix(prefix, part), *jids])
+
+
 def plan(deployment: Deployment, jids: list[str]) -> dict[int, list[int]]:
     """Partition -> indexes into ``jids``, so replies can be put back in order."""
     groups: dict[int, list[int]] = {}
     for i, jid in enumerate(jids):
-        events._check_jid(jid)
+        events.check_jid(jid)
         groups.setdefault(deployment.partition(jid), []).append(i)
     return groups
 
@@ -79,24 +86,16 @@ class Tracker:
     def _rows(self, jids: list[str]) -> tuple[list, int]:
         d = self.deployment
         groups = plan(d, jids)
-        rows: list = [None] * len(jids)
-        now = 0
+        calls = [get_call(d.prefix, part, [jids[i] for i in idx]) for part, idx in groups.items()]
         try:
-            if len(groups) == 1:
-                (part, idx), = groups.items()
-                replies = [d.scripts.get(keys=[keys.stream(d.prefix, part)],
-                                         args=[keys.snapshot_prefix(d.prefix, part),
-                                               *(jids[i] for i in idx)])]
-            else:
-                pipe = d.client.pipeline(transaction=False)
-                for part, idx in groups.items():
-                    d.scripts.get(keys=[keys.stream(d.prefix, part)],
-                                  args=[keys.snapshot_prefix(d.prefix, part),
-                                        *(jids[i] for i in idx)], client=pipe)
-                replies = pipe.execute()
+            replies = call_many(d.client, d.scripts.get, calls)
         except redis.RedisError as e:
             raise unavailable(d.settings, e) from e
+        rows: list = [None] * len(jids)
+        now = 0
         for idx, reply in zip(groups.values(), replies):
+            if isinstance(reply, Exception):
+                raise unavailable(d.settings, reply)
             now = int(reply[0])
             for i, row in zip(idx, reply[1:]):
                 rows[i] = row
@@ -114,6 +113,16 @@ class Tracker:
             return []
         rows, now = self._rows(jids)
         return [track_answer(j, r, now) for j, r in zip(jids, rows)]
+
+    def get_at(self, jid: str, at: Any) -> dict:
+        """TRACK GET as of a past time (epoch ms, aware datetime, RFC 3339 or '-10m')."""
+        from tracker import history
+
+        if isinstance(at, dt.datetime):
+            at = int(at.timestamp() * 1000)
+        elif isinstance(at, str):
+            at = history.parse_when(at, history.redis_now_ms(self.deployment))
+        return history.track_at(self.deployment, jid, int(at))
 
     def reserved_until(self, jid: str) -> Optional[dt.datetime]:
         """The job's effective reservation (extended by reserve_until), or None.

@@ -23,7 +23,6 @@ import secrets
 import signal
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
@@ -83,10 +82,15 @@ def _check_password(password: str, salt: str, iterations: int, given: str) -> bo
     return full | once
 
 
+def _bulk(answer: dict) -> bytes:
+    body = _json.encode(answer)
+    return b"$%d\r\n%s\r\n" % (len(body), body)
+
+
 def _shown(raw: bytes, limit: int = 60) -> str:
     """A client's bytes, safe to echo on one reply line."""
     text = raw[:limit].decode("utf-8", "replace")
-    text = "".join(c if c.isprintable() else "?" for c in text)
+    text = "".join(c if c.isascii() and c.isprintable() else "?" for c in text)
     return text + ("..." if len(raw) > limit else "")
 
 
@@ -101,6 +105,8 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self.paused = False  # we stopped reading (busy with a full buffer, or peer not reading)
         self.writable = True
+        self.eof = False
+        self.render = None
         self.salt = ""
         self.iterations = 0
         now = time.monotonic()
@@ -137,6 +143,12 @@ class Connection(asyncio.Protocol):
         self.buf += data
         self.process()
 
+    def eof_received(self) -> bool:
+        """A half-close: answer what was sent (in flight or buffered), then close."""
+        self.eof = True
+        self.process()
+        return True
+
     def pause_writing(self) -> None:  # the peer is not reading its replies
         self.writable = False
         self._pause()
@@ -156,6 +168,8 @@ class Connection(asyncio.Protocol):
             if end < 0:
                 if len(buf) > limit:
                     self.fail(f"line too long (max {limit} bytes)")
+                elif self.eof:
+                    self.close()  # the peer finished sending and every command is answered
                 return
             line = bytes(buf[:end])
             del buf[:end + 1]
@@ -179,8 +193,12 @@ class Connection(asyncio.Protocol):
             return
         if verb == b"TRACK":
             sub, _, arg = rest.partition(b" ")
-            if sub == b"GET":
-                self.run_async(self.track_get(arg))
+            if sub == b"GET":  # the hot path: a future, no task
+                try:
+                    fut = self.server.tracker.get_future(arg.decode("utf-8", "replace"))
+                except ValidationError as e:
+                    return self.error(str(e))
+                self.run_async(fut, _bulk)
             elif sub == b"SET":
                 self.run_async(self.track_set(arg))
             else:
@@ -198,7 +216,7 @@ class Connection(asyncio.Protocol):
         try:
             hello = _hello.decode(raw)
         except msgspec.ValidationError as e:
-            field, problem = events._msg(e, {})
+            field, problem = events.split_error(e, {})
             return self.fail(f"Invalid HELLO: {field}: {problem}")
         except msgspec.DecodeError:
             return self.fail("Invalid HELLO: expected a JSON object")
@@ -217,15 +235,10 @@ class Connection(asyncio.Protocol):
                                      self.iterations, given)  # ~10 ms of hashing: off the loop
         if not ok:
             log.info("wrong password from %s", self.peer())
-            self.closing = True  # the reply below is the last
+            self.close()  # takes effect once the reply below is written
             return b"-ERR Invalid password\r\n"
         self.authed = True
         return b"+OK\r\n"
-
-    async def track_get(self, arg: bytes) -> bytes:
-        jid = arg.decode("utf-8", "replace")
-        body = _json.encode(await self.server.tracker.get(jid))
-        return b"$%d\r\n%s\r\n" % (len(body), body)
 
     async def track_set(self, payload: bytes) -> bytes:
         if not payload:
@@ -234,10 +247,12 @@ class Connection(asyncio.Protocol):
         return b"+OK\r\n"
 
     # -- running a command -------------------------------------------------------
-    def run_async(self, coro) -> None:
+    def run_async(self, aw, render=None) -> None:
+        """Run a coroutine or future; its result (through ``render``) is the reply."""
         self.busy = True
+        self.render = render
         self.server.inflight += 1
-        asyncio.ensure_future(coro).add_done_callback(self._done)
+        asyncio.ensure_future(aw).add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task) -> None:
         self.server.inflight -= 1
@@ -246,15 +261,14 @@ class Connection(asyncio.Protocol):
             return self.close()
         exc = task.exception()
         if exc is None:
-            reply = task.result()
-        elif isinstance(exc, ValidationError):
-            reply = self.err_line(str(exc))
-        elif isinstance(exc, RedisUnavailable):
+            reply = task.result() if self.render is None else self.render(task.result())
+        elif isinstance(exc, RedisUnavailable):  # details (redacted) go to the log only
             log.warning("%s", exc)
             reply = b"-ERR tracker cannot reach its Redis; try again\r\n"
+        elif isinstance(exc, TrackerError):  # ValidationError: "field: problem"
+            reply = self.err_line(str(exc))
         else:
-            if not isinstance(exc, TrackerError):
-                log.error("internal error", exc_info=exc)
+            log.error("internal error", exc_info=exc)
             reply = b"-ERR internal error\r\n"
         self.write(reply)
         if self.closing or self.server.stopping:
@@ -321,14 +335,13 @@ class Server:
         self._server: Optional[asyncio.base_events.Server] = None
         self._stop: Optional[asyncio.Event] = None
         self.loop: Optional[asyncio.AbstractEventLoop] = None
-        self.lost = asyncio.Event() if False else None  # made on the loop in serve()
+        self.lost: Optional[asyncio.Event] = None  # made on the loop in serve()
 
     async def serve(self, host: str, port: int, ready: Optional[threading.Event] = None) -> None:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self.lost = asyncio.Event()
-        self.tracker = await AsyncTracker.open(self.settings, self.partitions,
-                                               max_connections=64)
+        self.tracker = await AsyncTracker.open(self.settings, self.partitions)
         try:
             self._server = await self.loop.create_server(lambda: Connection(self), host, port,
                                                          backlog=1024, reuse_address=True)
@@ -341,8 +354,8 @@ class Server:
             await self._stop.wait()
             log.info("stopping: no new connections, finishing %d in-flight command(s)",
                      self.inflight)
-            self.stopping = True
             self._server.close()
+            self.stopping = True
             for c in list(self.conns):
                 c.close()
             deadline = time.monotonic() + SHUTDOWN_GRACE
@@ -363,7 +376,10 @@ class Server:
     def stop(self) -> None:
         """Thread-safe: begin a graceful shutdown."""
         if self.loop is not None and self._stop is not None:
-            self.loop.call_soon_threadsafe(self._stop.set)
+            try:
+                self.loop.call_soon_threadsafe(self._stop.set)
+            except RuntimeError:
+                pass  # the loop has already finished
 
     async def _sweep(self) -> None:
         lim = self.limits

@@ -1,5 +1,6 @@
 -- project.lua: fold the next batch of one partition and acknowledge it, atomically.
--- Prepended at load time with projections/track.lua (the Fold table).
+-- Prepended at load time with projections/track.lua (the Fold table) and
+-- tracker/lua/snapshot.lua (Snap: snapshot and history-index I/O, generations).
 --
 -- KEYS[1]  the partition's stream            {prefix:p}:log
 -- KEYS[2]  its dead-letter stream            {prefix:p}:dlq
@@ -7,7 +8,8 @@
 -- ARGV[1]  consumer group name
 -- ARGV[2]  consumer name
 -- ARGV[3]  batch size (entries)
--- ARGV[4]  snapshot key prefix               {prefix:p}:t:
+-- ARGV[4]  snapshot key prefix               {prefix:p}:t:  (generation 0; the live
+--          generation and the retention are read from {prefix:p}:meta, see snapshot.lua)
 -- ARGV[5]  track TTL, ms
 -- ARGV[6]  expiry grace, ms (snapshot keys outlive their logical expiry by this)
 -- ARGV[7]  min idle time, ms, before a foreign consumer's pending entries are claimed
@@ -23,7 +25,7 @@
 -- processes run and wherever one of them crashes: there is no moment at which
 -- an entry is delivered but not yet applied. (A script's writes reach the AOF
 -- and replicas as one MULTI/EXEC.) Pending entries can only come from a reader
--- outside tracker; they are claimed after ARGV[7] ms idle and folded first.
+-- outside tracker; they are taken over after ARGV[7] ms idle and folded first.
 
 local stream, dlq, stats = KEYS[1], KEYS[2], KEYS[3]
 local group, consumer, count = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -37,23 +39,27 @@ Fold.configure({
 })
 
 local entries, claimed = {}, 0
-local first = redis.call('XPENDING', stream, group, '-', '+', 1)
-if #first > 0 then
-  -- Entries someone read but never acknowledged. Keep stream order: fold them
-  -- before anything newer, and wait while the oldest is still held by a live reader.
-  local reply = redis.call('XAUTOCLAIM', stream, group, consumer, claim_idle, '0-0',
-                           'COUNT', count, 'JUSTID')
-  local ids = reply[2] -- Redis 7 adds a third element (deleted IDs); 6.2 does not
-  if #ids == 0 or ids[1] ~= first[1][1] then return {0, 0, '', 0, 1} end
-  for _, id in ipairs(ids) do
-    local found = redis.call('XRANGE', stream, id, id)
+local pending = redis.call('XPENDING', stream, group, '-', '+', count)
+if #pending > 0 then
+  -- Entries someone read but never acknowledged (only a reader outside tracker can
+  -- leave them: our own reads are acknowledged in this same script). Keep stream
+  -- order: take them from the oldest on and stop at the first one still idle for
+  -- less than ARGV[7] (a live reader may hold it); wait while the oldest is. No
+  -- XCLAIM/XAUTOCLAIM: they are folded and acknowledged right here. XAUTOCLAIM
+  -- skips a pending entry that is not idle enough and claims the idle ones after
+  -- it, which would fold them out of order, or leave them pending on this consumer
+  -- (where XGROUP DELCONSUMER on exit would drop them).
+  for _, p in ipairs(pending) do
+    if tonumber(p[3]) < claim_idle then break end
+    local found = redis.call('XRANGE', stream, p[1], p[1])
     if #found == 1 then
       entries[#entries + 1] = found[1]
     else
-      redis.call('XACK', stream, group, id) -- trimmed or deleted meanwhile
+      redis.call('XACK', stream, group, p[1]) -- trimmed or deleted meanwhile
     end
+    claimed = claimed + 1
   end
-  claimed = #ids
+  if #entries == 0 then return {0, 0, '', claimed, 1} end
 else
   local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count,
                            'STREAMS', stream, '>')
@@ -68,22 +74,19 @@ if #entries == 0 then
   return {0, 0, newest[1] and newest[1][1] or '0-0', claimed, 0}
 end
 
-local tracks, orig, ids, poisoned = {}, {}, {}, 0
+-- The live generation's snapshot prefix and the history index (see snapshot.lua).
+local meta, hist = Snap.keys(snap)
+local retention
+snap, retention = Snap.settings(meta, snap)
+
+local tracks, orig, ids, poisoned, hidx = {}, {}, {}, 0, {}
 local function load(jid)
   local t = tracks[jid]
   if t ~= nil then return t or nil end
-  local h = redis.call('HGETALL', snap .. jid)
-  if #h == 0 then
-    orig[jid] = false
-    tracks[jid] = false
-    return nil
-  end
-  local raw = {}
-  for i = 1, #h, 2 do raw[h[i]] = h[i + 1] end
+  local raw
+  t, raw = Snap.load(snap .. jid)
   orig[jid] = raw
-  t = {s = raw.s, u = tonumber(raw.u), x = tonumber(raw.x), r = tonumber(raw.r) or 0,
-       p = tonumber(raw.p), d = raw.d}
-  tracks[jid] = t
+  tracks[jid] = t or false
   return t
 end
 
@@ -93,7 +96,11 @@ for i, entry in ipairs(entries) do
   local ev, reason = Fold.decode(fields)
   if ev then
     local at = tonumber(string.match(id, '^(%d+)'))
-    tracks[ev.j] = Fold.apply(load(ev.j), ev, at, ttl) or false
+    local before = load(ev.j)
+    local after = Fold.apply(before, ev, at, ttl)
+    tracks[ev.j] = after or false
+    -- Index every event that met or made a live track (others are no-ops of the fold).
+    if after or (before and before.x > at) then Snap.note(hidx, ev.j, id, at) end
   else
     poisoned = poisoned + 1
     local args = {'XADD', dlq, 'MAXLEN', '~', dlq_max, '*', 'id', id, 'reason', reason}
@@ -102,28 +109,10 @@ for i, entry in ipairs(entries) do
   end
 end
 
-local fmt = string.format
 for jid, t in pairs(tracks) do
-  local key, old = snap .. jid, orig[jid]
-  if t == false then
-    if old then redis.call('DEL', key) end
-  else
-    local args = {'HSET', key, 's', t.s, 'u', fmt('%d', t.u), 'x', fmt('%d', t.x)}
-    local gone = {}
-    if t.r > 0 then
-      args[#args + 1] = 'r'; args[#args + 1] = fmt('%d', t.r)
-    elseif old and old.r then gone[#gone + 1] = 'r' end
-    if t.p then
-      args[#args + 1] = 'p'; args[#args + 1] = fmt('%d', t.p)
-    elseif old and old.p then gone[#gone + 1] = 'p' end
-    if t.d then
-      args[#args + 1] = 'd'; args[#args + 1] = t.d
-    elseif old and old.d then gone[#gone + 1] = 'd' end
-    if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
-    redis.call(unpack(args))
-    redis.call('PEXPIREAT', key, fmt('%d', t.x + grace))
-  end
+  Snap.write(snap .. jid, t, orig[jid], t and t.x + grace)
 end
+Snap.flush_index(hist, hidx, retention)
 
 redis.call('XACK', stream, group, unpack(ids))
 redis.call('HINCRBY', stats, 'applied', #entries - poisoned)

@@ -1,0 +1,167 @@
+"""Crash test: ``tracker project`` daemons killed with SIGKILL again and again.
+
+Two daemons (subprocesses, real Redis, a unique prefix) fold while a publisher
+appends a few thousand events; every few hundred milliseconds one of them is
+killed -9 and restarted. At the end a ``tracker project --once`` finishes the
+job and the snapshots must equal the Python fold of the log, every valid entry
+applied exactly once (the stats counters), and nothing left pending.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from tracker import events, keys
+from tracker.config import Deployment, Settings
+from tracker.publisher import Publisher
+
+from test_differential import expected_snapshots, read_log, read_snapshots, wipe
+
+TRACKER = [sys.executable, "-c", "import sys; sys.argv[0] = 'tracker'; "
+           "from tracker.cli import main; main()"]
+PARTITIONS = 4
+
+
+@pytest.fixture
+def crash_env(real_redis_url):
+    prefix = "tcrash" + uuid.uuid4().hex[:10]
+    d = Deployment.open(Settings(redis_url=real_redis_url, prefix=prefix, partitions=PARTITIONS))
+    env = {**os.environ, "TRACKER_REDIS_URL": real_redis_url, "TRACKER_PREFIX": prefix,
+           "TRACKER_PARTITIONS": str(PARTITIONS)}
+    yield d, env
+    wipe(d)
+    d.close()
+
+
+def start(env, consumer, batch=20):
+    return subprocess.Popen(TRACKER + ["project", "--consumer", consumer, "--batch", str(batch),
+                                       "--claim-idle", "0"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def applied(d) -> int:
+    return sum(int(d.client.hget(keys.stats(d.prefix, p), "applied") or 0)
+               for p in range(d.partitions))
+
+
+def publish(d, n_events: int, stop: threading.Event, rng: random.Random) -> None:
+    pub = Publisher(d)
+    jids = [f"job-{i}" for i in range(150)]
+    sent = 0
+    while sent < n_events and not stop.is_set():
+        chunk = []
+        for _ in range(25):
+            j = rng.choice(jids)
+            kind = rng.random()
+            if kind < 0.25:
+                chunk.append(events.Enqueued(jid=j, track=rng.random() < 0.8))
+            elif kind < 0.4:
+                chunk.append(events.Working(jid=j, reserve_for=rng.choice([None, 60, 7200])))
+            elif kind < 0.8:
+                chunk.append(events.TrackSet(
+                    jid=j, percent=rng.choice([None, rng.randint(0, 100)]),
+                    desc=rng.choice([None, f"step {rng.randint(0, 99)}"]),
+                    reserve_until=rng.choice([None, int(time.time() * 1000) + 3_600_000])))
+            else:
+                chunk.append(rng.choice([events.Success, events.Failed, events.Dead])(jid=j))
+        chunk += chunk[: rng.randint(0, 3)]  # a job server retrying a send: duplicates
+        pub.publish_many(chunk)
+        if rng.random() < 0.1:  # the odd poison entry
+            d.client.xadd(keys.stream(d.prefix, rng.randrange(d.partitions)),
+                          {"t": "working", "j": "job-1", "r": "-1"})
+        sent += len(chunk)
+        time.sleep(0.06)  # ~8 s of traffic
+
+
+def test_kill_9_again_and_again(crash_env):
+    d, env = crash_env
+    rng = random.Random(20240601)
+    stop = threading.Event()
+    publisher = threading.Thread(target=publish, args=(d, 3000, stop, rng))
+    procs = [start(env, "crash-a"), start(env, "crash-b")]
+    born = [time.monotonic()] * 2
+    life = [rng.uniform(0.6, 1.4) for _ in procs]
+    kills, progress = 0, []
+    publisher.start()
+    try:
+        deadline = time.monotonic() + 25
+        while (publisher.is_alive() or kills < 12) and time.monotonic() < deadline:
+            time.sleep(0.02)
+            for i in range(2):
+                if time.monotonic() - born[i] < life[i]:
+                    continue  # let it start (~0.5 s) and fold for a while
+                procs[i].send_signal(signal.SIGKILL)
+                procs[i].wait(5)
+                kills += 1
+                progress.append(applied(d))
+                # a restarted daemon may reuse the dead one's consumer name, or take a new one
+                name = f"crash-{'ab'[i]}" if rng.random() < 0.5 else f"crash-{kills}"
+                procs[i] = start(env, name, batch=rng.choice([1, 7, 20, 100]))
+                born[i], life[i] = time.monotonic(), rng.uniform(0.6, 1.4)
+    finally:
+        stop.set()
+        publisher.join(30)
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+            p.wait(5)
+    assert kills >= 12
+    assert len(set(progress)) > 6, "daemons were killed while folding"
+
+    once = subprocess.run(TRACKER + ["project", "--once"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert once.returncode == 0, once.stderr
+    assert "Traceback" not in once.stderr
+
+    entries, poisoned = read_log(d)
+    assert len(entries) + len(poisoned) >= 3000
+    assert read_snapshots(d) == expected_snapshots(d)
+    for p in range(PARTITIONS):
+        stream = keys.stream(d.prefix, p)
+        assert d.client.xpending(stream, keys.GROUP)["pending"] == 0
+    # exactly once: every valid entry applied once, every poison one dead-lettered once
+    assert applied(d) == len(entries)
+    assert sum(d.client.xlen(keys.dlq(d.prefix, p)) for p in range(PARTITIONS)) == len(poisoned)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_finishes_the_batch_and_exits_0(crash_env, sig):
+    d, env = crash_env
+    pub = Publisher(d)
+    proc = start(env, "graceful", batch=5)
+    try:
+        for i in range(40):
+            pub.enqueued(f"g{i}", custom={"track": 1})
+        deadline = time.monotonic() + 15
+        while applied(d) < 40 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert applied(d) == 40
+        for i in range(200):  # keep it busy while the signal arrives
+            pub.working(f"g{i % 40}")
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in err
+    # what it acknowledged it applied; the rest is still there for the next run
+    stream_total = sum(d.client.xlen(keys.stream(d.prefix, p)) for p in range(PARTITIONS))
+    assert 40 <= applied(d) <= stream_total
+    once = subprocess.run(TRACKER + ["project", "--once"], env=env, capture_output=True,
+                          timeout=60)
+    assert once.returncode == 0
+    assert read_snapshots(d) == expected_snapshots(d)
+    assert applied(d) == stream_total
+    for p in range(PARTITIONS):  # it left the group cleanly
+        consumers = d.client.xinfo_consumers(keys.stream(d.prefix, p), keys.GROUP)
+        assert all(c["name"] not in (b"graceful", "graceful") for c in consumers)

@@ -1,0 +1,99 @@
+-- snapshot.lua: snapshot and history-index I/O shared by project.lua and replay.lua
+-- (prepended to both after projections/track.lua), so the live projector and a
+-- rebuild store a track the very same way.
+--
+-- Keys are derived from the generation-0 snapshot prefix '{prefix:p}:t:' with the
+-- rules of tracker/keys.py (meta, snapshot_prefix_gen, history_prefix); a test
+-- checks the two agree.
+
+local Snap = {}
+Snap.DEFAULT_RETENTION = 7 * 86400000 -- ms; tracker/retention.py DEFAULT_MS
+local fmt = string.format
+
+-- '{prefix:p}:t:' -> '{prefix:p}:meta', '{prefix:p}:h:'
+function Snap.keys(base)
+  local tag = string.sub(base, 1, -3)
+  return tag .. 'meta', tag .. 'h:'
+end
+
+-- Snapshot prefix of generation gen (a string from the meta hash; absent or '0' = base).
+function Snap.prefix(base, gen)
+  if not gen or gen == '0' or gen == '' then return base end
+  return string.sub(base, 1, -2) .. gen .. ':'
+end
+
+-- The partition's live settings: snapshot prefix of its generation, retention in ms.
+function Snap.settings(meta, base)
+  local m = redis.call('HMGET', meta, 'gen', 'retention')
+  return Snap.prefix(base, m[1]), tonumber(m[2]) or Snap.DEFAULT_RETENTION, m[1] or '0'
+end
+
+-- A snapshot hash as a fold track (nil when absent), and its raw fields (false when absent).
+function Snap.load(key)
+  local h = redis.call('HGETALL', key)
+  if #h == 0 then return nil, false end
+  local raw = {}
+  for i = 1, #h, 2 do raw[h[i]] = h[i + 1] end
+  return {s = raw.s, u = tonumber(raw.u), x = tonumber(raw.x), r = tonumber(raw.r) or 0,
+          p = tonumber(raw.p), d = raw.d}, raw
+end
+
+-- Store track t (false/nil: delete) over the raw fields old, expiring the key at expire_at.
+function Snap.write(key, t, old, expire_at)
+  if not t then
+    if old then redis.call('DEL', key) end
+    return
+  end
+  local args = {'HSET', key, 's', t.s, 'u', fmt('%d', t.u), 'x', fmt('%d', t.x)}
+  local gone = {}
+  if t.r > 0 then
+    args[#args + 1] = 'r'; args[#args + 1] = fmt('%d', t.r)
+  elseif old and old.r then gone[#gone + 1] = 'r' end
+  if t.p then
+    args[#args + 1] = 'p'; args[#args + 1] = fmt('%d', t.p)
+  elseif old and old.p then gone[#gone + 1] = 'p' end
+  if t.d then
+    args[#args + 1] = 'd'; args[#args + 1] = t.d
+  elseif old and old.d then gone[#gone + 1] = 'd' end
+  if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
+  redis.call(unpack(args))
+  redis.call('PEXPIREAT', key, fmt('%d', expire_at))
+end
+
+-- Entry ID '<ms>-<seq>' as 10 bytes: 6 of ms, 4 of seq (capped), big-endian, so
+-- byte order is ID order.
+local char, floor = string.char, math.floor
+function Snap.pack_id(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  ms, seq = tonumber(ms), tonumber(seq)
+  if seq > 4294967295 then seq = 4294967295 end
+  local b = {}
+  for i = 6, 1, -1 do b[i] = ms % 256; ms = floor(ms / 256) end
+  for i = 10, 7, -1 do b[i] = seq % 256; seq = floor(seq / 256) end
+  return char(b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10])
+end
+
+function Snap.unpack_id(s, i)
+  local b1, b2, b3, b4, b5, b6, b7, b8, b9, b10 = string.byte(s, i, i + 9)
+  local ms = ((((b1 * 256 + b2) * 256 + b3) * 256 + b4) * 256 + b5) * 256 + b6
+  return fmt('%d-%d', ms, ((b7 * 256 + b8) * 256 + b9) * 256 + b10)
+end
+
+-- History index: note an entry of jid (time at) in the batch's buffer idx ...
+function Snap.note(idx, jid, id, at)
+  local e = idx[jid]
+  if not e then e = {n = 0}; idx[jid] = e end
+  e.n = e.n + 1
+  e[e.n] = Snap.pack_id(id)
+  e.at = at
+end
+
+-- ... and append each buffer to '{p}:h:<jid>', which expires retention ms after its
+-- newest entry (GET + SET keeps the string exactly sized; APPEND would over-allocate).
+function Snap.flush_index(hist, idx, retention)
+  for jid, e in pairs(idx) do
+    local key = hist .. jid
+    local old = redis.call('GET', key) or ''
+    redis.call('SET', key, old .. table.concat(e), 'PXAT', fmt('%d', e.at + retention))
+  end
+end

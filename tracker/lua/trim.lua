@@ -1,0 +1,38 @@
+-- trim.lua: drop a partition's entries older than the retention window, never one
+-- that a consumer group has not acknowledged or not yet been delivered.
+--
+-- KEYS[1] stream {p}:log   KEYS[2] meta {p}:meta   KEYS[3] rebuild state {p}:replay
+-- ARGV[1] retention ms    ARGV[2] '1' for a dry run (nothing is removed or stored)
+-- Returns {MINID (entries before it go; '' = none), what limited it, removed (-1 on
+-- a dry run)}. Limits, lowest wins: now - retention; every group's last-delivered
+-- ID (later entries were never read) and oldest pending entry (read, not acked: a
+-- dead consumer's entries stay claimable); a running rebuild's position.
+-- In one script, so no reader can move between the check and the XTRIM.
+
+local retention, dry = tonumber(ARGV[1]), ARGV[2] == '1'
+if not dry then redis.call('HSET', KEYS[2], 'retention', string.format('%d', retention)) end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'', 'empty log', 0} end
+local function id_lt(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local minid, why = string.format('%d-0', math.max(now - retention, 0)), 'age'
+local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
+if #groups == 0 then return {'', 'no consumer group yet', 0} end
+for _, g in ipairs(groups) do
+  local name, last
+  for i = 1, #g, 2 do
+    if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
+  end
+  if id_lt(last, minid) then minid, why = last, 'last-delivered of group ' .. name end
+  local p = redis.call('XPENDING', KEYS[1], name)
+  if p[1] > 0 and id_lt(p[2], minid) then minid, why = p[2], 'pending in group ' .. name end
+end
+local pos = redis.call('HGET', KEYS[3], 'pos')
+if pos and id_lt(pos, minid) then minid, why = pos, 'rebuild in progress' end
+if dry then return {minid, why, -1} end
+return {minid, why, redis.call('XTRIM', KEYS[1], 'MINID', minid)}

@@ -1,0 +1,333 @@
+"""Rebuild every snapshot from the log (``tracker replay``) and audit them (``--verify``).
+
+Rebuild, per partition, while projectors and producers run (``tracker/lua/replay.lua``
+holds the argument): fold the log inside Redis, with the fold and snapshot code the
+live projector uses, into snapshot keys of a new generation; follow the live
+projector's position; then fold the last few entries and flip ``{p}:meta gen`` in one
+script. Readers and the projector read the generation inside their own scripts, so
+they see the old or the new generation, never a mix or a gap. Old-generation keys
+are unlinked after the switch (they would expire anyway, but a fold change can
+leave them up to a day). Only one rebuild per partition runs at a time (a lock
+with a TTL in ``{p}:replay``; trimming waits behind its position).
+
+Verify folds the log in Python (``projections.track``) and compares it with the live
+snapshots read in the same script call as the applied position, so a projector
+running meanwhile causes no false alarms.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import redis
+
+from projections import track as fold_mod
+from tracker import events, keys
+from tracker import events as events_mod
+from tracker.config import Deployment, unavailable
+from tracker.errors import TrackerError
+from tracker.history import id_ms, lua, unpack_ids
+from tracker.scripts import LIMITS
+
+HOLD_MS = 600_000  # a partition's rebuild must switch within this (see replay.lua)
+LOCK_MS = 600_000  # a rebuild that made no progress this long loses its lock
+CHUNK = 5000
+
+Progress = Optional[Callable[[int], None]]
+NAMES = {"s": "state", "p": "percent", "d": "desc", "u": "updated_at", "r": "reserved_until",
+         "x": "expires_at"}
+
+
+@dataclass
+class Rebuilt:
+    partition: int
+    old_gen: int
+    new_gen: int
+    folded: int = 0
+    poisoned: int = 0
+    kept: int = 0  # JIDs whose beginning was trimmed: live snapshot kept as it was
+    unlinked: int = 0
+    seconds: float = 0.0
+
+
+def _call(d: Deployment, part: int, mode: str, gen="", check="", jids=(), chunk=CHUNK):
+    p = d.prefix
+    k = [keys.stream(p, part), keys.meta(p, part), keys.replay_state(p, part),
+         keys.replay_held(p, part), keys.replay_partial(p, part)]
+    a = [mode, keys.snapshot_prefix(p, part), keys.GROUP, chunk, d.ttl_ms, d.grace_ms, HOLD_MS,
+         LOCK_MS, gen, check, *LIMITS, *jids]
+    try:
+        return lua(d.client, "replay")(keys=k, args=a)
+    except redis.ResponseError as e:
+        raise TrackerError(f"replay of partition {part}: {e}") from None
+    except redis.RedisError as e:
+        raise unavailable(d.settings, e) from e
+
+
+def never_trimmed(client: redis.Redis, stream: str) -> bool:
+    """True when Redis (7+) can tell that the stream never lost an entry."""
+    try:
+        info = client.xinfo_stream(stream)
+    except redis.ResponseError:
+        return True  # no stream
+    added = info.get("entries-added")  # Redis 7: every entry ever added; 6.2: unknown
+    return added is not None and int(added) == int(info.get("length", -1))
+
+
+def unlink_prefix(client: redis.Redis, prefix: str) -> int:
+    """UNLINK every key starting with ``prefix`` (one partition's, by its hash tag)."""
+    pattern = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
+    n, batch = 0, []
+    for key in client.scan_iter(match=pattern, count=1000):
+        batch.append(key)
+        if len(batch) >= 500:
+            n += client.unlink(*batch)
+            batch = []
+    if batch:
+        n += client.unlink(*batch)
+    return n
+
+
+def rebuild_partition(d: Deployment, part: int, progress: Progress = None, chunk: int = CHUNK,
+                      unlink_old: bool = True) -> Rebuilt:
+    t0 = time.perf_counter()
+    new_gen, old_gen, first = _call(d, part, "begin")
+    gen = str(new_gen)
+    out = Rebuilt(part, int(old_gen), int(new_gen))
+    try:
+        # Keys left by an aborted rebuild that used the same generation number.
+        unlink_prefix(d.client, keys.snapshot_prefix_gen(d.prefix, part, out.new_gen))
+        stream = keys.stream(d.prefix, part)
+        check = "" if never_trimmed(d.client, stream) else (first.decode() if first else "")
+        while True:
+            folded, poisoned, _pos, caught_up = _call(d, part, "chunk", gen, check, chunk=chunk)
+            out.folded += folded
+            out.poisoned += poisoned
+            if progress and folded + poisoned:
+                progress(folded + poisoned)
+            if caught_up:
+                break
+        folded, poisoned, _pos, kept, _old = _call(d, part, "switch", gen, check, chunk=chunk)
+    except BaseException:
+        _abort(d, part, gen)
+        raise
+    out.folded += folded
+    out.poisoned += poisoned
+    out.kept = int(kept)
+    if progress and folded + poisoned:
+        progress(folded + poisoned)
+    if unlink_old:
+        out.unlinked = unlink_prefix(d.client, keys.snapshot_prefix_gen(d.prefix, part, out.old_gen))
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def _abort(d: Deployment, part: int, gen: str) -> None:
+    """Give the lock back and drop the half-built generation (best effort)."""
+    try:
+        state = keys.replay_state(d.prefix, part)
+        if d.client.hget(state, "gen") == gen.encode():
+            d.client.delete(state, keys.replay_held(d.prefix, part),
+                            keys.replay_partial(d.prefix, part))
+            unlink_prefix(d.client, keys.snapshot_prefix_gen(d.prefix, part, int(gen)))
+    except redis.RedisError:
+        pass
+
+
+def partitions(d: Deployment, partition: Optional[int]) -> list[int]:
+    if partition is None:
+        return list(range(d.partitions))
+    if not 0 <= partition < d.partitions:
+        from tracker.errors import ValidationError
+        raise ValidationError("partition", f"expected 0..{d.partitions - 1}, got {partition}")
+    return [partition]
+
+
+def rebuild(d: Deployment, partition: Optional[int] = None, progress: Progress = None,
+            chunk: int = CHUNK, unlink_old: bool = True) -> list[Rebuilt]:
+    return [rebuild_partition(d, p, progress, chunk, unlink_old) for p in partitions(d, partition)]
+
+
+def log_length(d: Deployment, partition: Optional[int] = None) -> int:
+    pipe = d.client.pipeline(transaction=False)
+    for p in partitions(d, partition):
+        pipe.xlen(keys.stream(d.prefix, p))
+    return sum(pipe.execute())
+
+
+# ------------------------------------------------------------------ verify
+@dataclass
+class Difference:
+    jid: str
+    partition: int
+    fields: dict  # long field name -> (live, from the log)
+
+
+@dataclass
+class Verified:
+    checked: int = 0
+    equal: int = 0
+    different: list = field(default_factory=list)
+    cannot_verify: list = field(default_factory=list)  # (jid, why)
+
+    @property
+    def ok(self) -> bool:
+        return not self.different
+
+    def summary(self) -> dict:
+        return {"checked": self.checked, "equal": self.equal, "different": len(self.different),
+                "cannot_verify": len(self.cannot_verify)}
+
+
+def _row(track: Optional[fold_mod.Track]) -> Optional[dict]:
+    if track is None:
+        return None
+    return {"s": track.state, "p": None if track.percent is None else str(track.percent),
+            "d": track.desc, "u": str(track.updated_at),
+            "r": str(track.reserved_until) if track.reserved_until > 0 else None,
+            "x": str(track.expires_at)}
+
+
+class _Folder:
+    """Folds one partition's log forward to a given (growing) position."""
+
+    def __init__(self, d: Deployment, part: int, progress: Progress):
+        self.d, self.stream, self.progress = d, keys.stream(d.prefix, part), progress
+        self.pos: Optional[str] = None
+        self.tracks: dict[str, fold_mod.Track] = {}
+        self.starts: dict[str, bool] = {}  # jid -> its first entry here is a tracked enqueued
+
+    def advance(self, to: str) -> None:
+        if not to:
+            return
+        while True:
+            lo = "-" if self.pos is None else "(" + self.pos
+            got = self.d.client.xrange(self.stream, lo, to, count=CHUNK)
+            for eid, fields in got:
+                try:
+                    ev = events.decode_entry(fields)
+                except events.PoisonEntry:
+                    continue
+                if ev.jid not in self.starts:
+                    self.starts[ev.jid] = isinstance(ev, events.Enqueued) and ev.track
+                new = fold_mod.apply(self.tracks.get(ev.jid), ev, id_ms(eid), self.d.ttl_ms)
+                if new is None:
+                    self.tracks.pop(ev.jid, None)
+                else:
+                    self.tracks[ev.jid] = new
+            if got:
+                self.pos = got[-1][0].decode()
+                if self.progress:
+                    self.progress(len(got))
+            if len(got) < CHUNK:
+                return
+
+
+def _lt(a: str, b: str) -> bool:
+    am, _, asq = a.partition("-")
+    bm, _, bsq = b.partition("-")
+    return (int(am), int(asq)) < (int(bm), int(bsq))
+
+
+def verify_partition(d: Deployment, part: int, out: Verified, progress: Progress = None) -> None:
+    head = _call(d, part, "read")
+    gen, fin = head[1].decode(), head[2].decode()
+    trimmed = not never_trimmed(d.client, keys.stream(d.prefix, part))
+    folder = _Folder(d, part, progress)
+    folder.advance(fin)
+    live = {k.decode()[len(keys.snapshot_prefix_gen(d.prefix, part, int(gen))):] for k in
+            d.client.scan_iter(match=keys.snapshot_prefix_gen(d.prefix, part, int(gen)) + "*",
+                               count=1000)}
+    jids = sorted(live | set(folder.tracks))
+    for i in range(0, len(jids), 500):
+        batch = jids[i:i + 500]
+        reply = _call(d, part, "read", jids=batch)
+        now, g, fin, first = int(reply[0]), reply[1].decode(), reply[2].decode(), reply[3].decode()
+        if g != gen:
+            raise TrackerError(f"partition {part}: a rebuild switched generations during "
+                               "--verify; run it again")
+        folder.advance(fin)  # the projector moved on: fold up to where these rows stand
+        for j, jid in enumerate(batch):
+            row = [v.decode() if v is not None else None for v in reply[4 + 2 * j]]
+            index_head = reply[5 + 2 * j]
+            have = dict(zip("spdurx", row)) if row[0] is not None and int(row[5]) > now else None
+            track = folder.tracks.get(jid)
+            want = _row(track if track is not None and track.expires_at > now else None)
+            if have is None and want is None:
+                continue
+            out.checked += 1
+            if len(index_head) == 10 and first and _lt(unpack_ids(index_head)[0], first):
+                out.cannot_verify.append((jid, "its first events were trimmed from the log"))
+            elif trimmed and len(index_head) < 10 and not folder.starts.get(jid):
+                out.cannot_verify.append((jid, "no history index and the log does not hold "
+                                               "its beginning"))
+            elif have == want:
+                out.equal += 1
+            else:
+                have, want = have or {}, want or {}
+                diff = {NAMES[f]: (have.get(f), want.get(f)) for f in "spdurx"
+                        if have.get(f) != want.get(f)}
+                out.different.append(Difference(jid, part, diff))
+
+
+def verify(d: Deployment, partition: Optional[int] = None, progress: Progress = None) -> Verified:
+    out = Verified()
+    for p in partitions(d, partition):
+        verify_partition(d, p, out, progress)
+    return out
+
+
+# ------------------------------------------------------------------ benchmark
+def bench_replay(deployment: Deployment, events: int) -> dict:
+    """Fill ``deployment`` (empty) with ``events`` (jobs of 5), project, then measure a
+    full rebuild (events/s, and as a ratio to a plain XRANGE read of the same log in
+    the same run) and ``history`` of one job (ms per call). Used by scripts/."""
+    import random
+    import statistics
+
+    from tracker.history import history
+    from tracker.projector import Projector
+    from tracker.publisher import Publisher
+
+    d, pub = deployment, Publisher(deployment)
+    jobs = max(1, events // 5)
+    for lo in range(0, jobs, 2000):
+        batch = []
+        for i in range(lo, min(jobs, lo + 2000)):
+            j = f"bench-{i}"
+            batch += [events_mod.make_enqueued(j, {"track": 1}, "default", "Bench"),
+                      events_mod.make_working(j), events_mod.make_trackset(j, 50, "half"),
+                      events_mod.make_trackset(j, 90, "nearly"), events_mod.make_success(j)]
+        pub.publish_many(batch)
+    t0 = time.perf_counter()
+    Projector(d, consumer="bench", batch=1000).drain()
+    project_s = time.perf_counter() - t0
+    n = log_length(d)
+    t0 = time.perf_counter()
+    for p in range(d.partitions):
+        lo = "-"
+        while True:
+            got = d.client.xrange(keys.stream(d.prefix, p), lo, "+", count=CHUNK)
+            if len(got) < CHUNK:
+                break
+            lo = "(" + got[-1][0].decode()
+    raw_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rebuild(d)
+    rebuild_s = time.perf_counter() - t0
+    sample = [f"bench-{random.randrange(jobs)}" for _ in range(300)]
+    times = []
+    for jid in sample:
+        t1 = time.perf_counter()
+        assert len(history(d, jid).entries) == 5
+        times.append((time.perf_counter() - t1) * 1000)
+    times.sort()
+    index_bytes = d.client.memory_usage(keys.history(d.prefix, d.partition(sample[0]), sample[0]))
+    return {"events": n, "partitions": d.partitions, "project_per_s": round(n / project_s),
+            "rebuild_per_s": round(n / rebuild_s), "rebuild_s": round(rebuild_s, 2),
+            "raw_xrange_per_s": round(n / raw_s), "rebuild_vs_raw_xrange": round(raw_s / rebuild_s, 2),
+            "history_ms_median": round(statistics.median(times), 3),
+            "history_ms_p99": round(times[int(len(times) * 0.99) - 1], 3),
+            "history_index_key_bytes_5_events": index_bytes}
