@@ -19,34 +19,13 @@ import msgspec
 import redis
 
 from tracker import events
-from tracker.config import Deployment, Settings
+from tracker.cliapp import App, pass_app
+from tracker.config import Settings
 from tracker.errors import TrackerError, ValidationError
 
 _json = msgspec.json.Encoder()
 
 
-class App:
-    """What every command needs; the deployment is opened on first use."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self._deployment: Optional[Deployment] = None
-        self.verbose = 0
-
-    @property
-    def deployment(self) -> Deployment:
-        if self._deployment is None:
-            self._deployment = Deployment.open(self.settings)
-        return self._deployment
-
-    @property
-    def tracker(self):
-        from tracker.query import Tracker
-
-        return Tracker(self.deployment)
-
-
-pass_app = click.make_pass_decorator(App)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -330,3 +309,7 @@ cli.add_command(dlq)
 from tracker.cli_replay import export, history, import_, replay, trim  # noqa: E402
 for _command in (replay, history, trim, export, import_):
     cli.add_command(_command)
+
+
+if __name__ == "__main__":
+    main()

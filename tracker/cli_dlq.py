@@ -8,7 +8,7 @@ import click
 import msgspec
 
 from tracker import dlq as dead
-from tracker.cli import pass_app
+from tracker.cliapp import pass_app
 from tracker.errors import ValidationError
 
 _json = msgspec.json.Encoder()

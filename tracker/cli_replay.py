@@ -13,7 +13,7 @@ from typing import Optional
 import click
 import msgspec
 
-from tracker.cli import pass_app
+from tracker.cliapp import pass_app
 
 _json = msgspec.json.Encoder()
 
