@@ -68,7 +68,7 @@ function Fold.decode(fields)
   for f, v in pairs(raw) do
     if INT_FIELDS[f] then
       if #v > 16 or not (v == '0' or string.find(v, '^[1-9]%d*$')) then
-        return nil, f .. ': not a non-negative integer'
+        return nil, string.format('%q: not a non-negative integer', f)
       end
       ev[f] = tonumber(v)
     elseif f == 'k' then
@@ -83,17 +83,17 @@ function Fold.decode(fields)
   local allowed = ALLOWED[t]
   if not allowed then return nil, 'type: unknown event type' end
   for f in pairs(ev) do
-    if not allowed[f] then return nil, f .. ': unknown field' end
+    if not allowed[f] then return nil, string.format('%q: unknown field', f) end
   end
   local j = ev.j
   if j == nil then return nil, 'jid: required' end
   if #j < 1 or #j > L.max_jid or string.find(j, '[^!-~]') then return nil, 'jid: invalid' end
   for f in pairs(INT_FIELDS) do
-    if ev[f] and ev[f] > L.max_int then return nil, f .. ': too large' end
+    if ev[f] and ev[f] > L.max_int then return nil, string.format('%q: too large', f) end
   end
   if ev.p and ev.p > 100 then return nil, 'percent: more than 100' end
   for f, limit in pairs(BYTE_LIMIT) do
-    if ev[f] and #ev[f] > L[limit] then return nil, f .. ': too long' end
+    if ev[f] and #ev[f] > L[limit] then return nil, string.format('%q: too long', f) end
   end
   return ev
 end

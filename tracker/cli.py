@@ -81,6 +81,8 @@ def emit_enqueued(app, jid, custom, track, queue, jobtype, reserve_for):
             parsed = json.loads(custom)
         except ValueError as e:
             raise ValidationError("custom", f"not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise ValidationError("custom", "JSON nested too deeply") from None
         if not isinstance(parsed, dict):
             raise ValidationError("custom", "expected a JSON object")
     if track:
@@ -182,12 +184,17 @@ def watch(app, jid, interval):
               help="Entries per atomic fold step.")
 @click.option("--claim-idle", type=click.IntRange(0), default=60_000, show_default=True,
               metavar="MS", help="Idle time before another reader's pending entries are claimed.")
+@click.option("--grace", type=click.IntRange(0), envvar="TRACKER_GRACE", show_envvar=True,
+              metavar="SECONDS", help="How long a snapshot key outlives its expiry, so late events "
+                                      "still meet it. [default: 300]")
 @click.option("--json", "as_json", is_flag=True, help="With --once: print the totals as JSON.")
 @pass_app
-def project(app, consumer, once, batch, claim_idle, as_json):
+def project(app, consumer, once, batch, claim_idle, grace, as_json):
     """Run the projector: fold the event log into one snapshot per job."""
     from tracker.projector import Projector
 
+    if grace is not None:
+        app.settings.grace = grace
     proj = Projector(app.deployment, consumer=consumer, batch=batch, claim_idle_ms=claim_idle)
     if once:
         t0 = time.perf_counter()

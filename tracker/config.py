@@ -67,7 +67,8 @@ class Settings:
         s = cls(redis_url=os.environ.get("TRACKER_REDIS_URL") or None,
                 prefix=os.environ.get("TRACKER_PREFIX") or "tracker",
                 partitions=_env_int("TRACKER_PARTITIONS"),
-                ttl=_env_int("TRACKER_TTL") or 1800)
+                ttl=_env_int("TRACKER_TTL") or 1800,
+                grace=_env_int("TRACKER_GRACE") or 300)
         if os.environ.get("TRACKER_DATA_DIR"):
             s.data_dir = Path(os.environ["TRACKER_DATA_DIR"])
         for k, v in overrides.items():
@@ -84,6 +85,8 @@ class Settings:
             raise ConfigError(f"partitions: expected 1..{MAX_PARTITIONS}, got {self.partitions}")
         if not 1 <= self.ttl <= 10**7:
             raise ConfigError(f"ttl: expected 1..10000000 seconds, got {self.ttl}")
+        if not 0 <= self.grace <= 10**7:
+            raise ConfigError(f"grace: expected 0..10000000 seconds, got {self.grace}")
         if self.redis_url is not None and not re.match(r"(rediss?|unix)://", self.redis_url):
             raise ConfigError(f"redis-url: expected redis://, rediss:// or unix://, "
                               f"got {redact(self.redis_url)!r}")
@@ -113,6 +116,9 @@ def unavailable(settings: Settings, err: Exception) -> RedisUnavailable:
         parts = urlsplit(settings.redis_url)
         if parts.password:
             text = text.replace(parts.password, "***")
+    if isinstance(err, redis.exceptions.NoPermissionError) or text.startswith("NOPERM"):
+        return RedisUnavailable(f"the Redis user at {settings.where()} lacks a permission: {text}. "
+                                "See the README's least-privilege section.")
     return RedisUnavailable(f"cannot use Redis at {settings.where()}: {text}. Is it running? "
                             "Set --redis-url or TRACKER_REDIS_URL.")
 

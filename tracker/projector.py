@@ -116,11 +116,11 @@ class Projector:
     # -- drain once -----------------------------------------------------------
     def drain(self, progress=None) -> int:
         """Fold everything in the log now, then return (``tracker project --once``)."""
-        for part in range(self.d.partitions):
-            self.ensure_group(part)
         busy = set(range(self.d.partitions))
         start = self.totals.folded + self.totals.dead_lettered
         try:
+            for part in range(self.d.partitions):
+                self.ensure_group(part)
             while busy and not self.stopping.is_set():
                 order = sorted(busy)
                 replies = call_many(self.d.client, self.d.scripts.project,
@@ -152,8 +152,12 @@ class Projector:
         client, scripts = self.d.client, self.d.scripts
         stream = keys.stream(self.d.prefix, part)
         backoff = 0.05
+        grouped = False
         while not self.stopping.is_set():
             try:
+                if not grouped:  # here, inside the retry loop: Redis may be away at start
+                    self.ensure_group(part, client)
+                    grouped = True
                 n, _p, last, _c, waiting = self.step(part, scripts, client)
                 if n:
                     backoff = 0.05
@@ -176,8 +180,6 @@ class Projector:
 
     def run(self, report_every: float = 10.0) -> None:
         """Run until ``stop()``; each thread finishes its batch (atomic) and leaves."""
-        for part in range(self.d.partitions):
-            self.ensure_group(part)
         log.info("projecting %d partitions of %r on %s as consumer %s", self.d.partitions,
                  self.d.prefix, self.d.settings.where(), self.consumer)
         threads = [threading.Thread(target=self._worker, args=(p,), name=f"partition-{p}",

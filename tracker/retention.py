@@ -81,7 +81,8 @@ def trim(d: Deployment, retention_ms: int, partition: Optional[int] = None,
 
     out = []
     try:
-        if not dry_run:
+        if not dry_run and d.client.hget(keys.config(d.prefix), "retention") != \
+                str(retention_ms).encode():
             d.client.hset(keys.config(d.prefix), "retention", retention_ms)
         for p in partitions(d, partition):
             stream = keys.stream(d.prefix, p)

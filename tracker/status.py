@@ -20,6 +20,9 @@ def partition_status(d: Deployment) -> list[dict]:
         replies = pipe.execute(raise_on_error=False)
     except redis.RedisError as e:
         raise unavailable(d.settings, e) from e
+    for reply in replies:  # a missing stream or group is data; anything else is trouble
+        if isinstance(reply, redis.RedisError) and "no such key" not in str(reply).lower():
+            raise unavailable(d.settings, reply)
     rows = []
     for p in range(d.partitions):
         length, groups, dlq, applied = replies[4 * p: 4 * p + 4]
