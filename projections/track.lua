@@ -58,43 +58,42 @@ local function valid_utf8(s)
 end
 
 -- fields: the flat {f1, v1, f2, v2, ...} array of a stream entry.
+-- One pass over the fields once the type is known; the UTF-8 walk runs only when
+-- some byte is >= 0x80 (one string.find over all fields at once).
+local find, concat, format = string.find, table.concat, string.format
 function Fold.decode(fields)
-  local raw = {}
-  for i = 1, #fields, 2 do raw[fields[i]] = fields[i + 1] end
-  for f, v in pairs(raw) do
-    if not valid_utf8(f) or not valid_utf8(v) then return nil, 'invalid UTF-8' end
-  end
   local ev = {}
-  for f, v in pairs(raw) do
-    if INT_FIELDS[f] then
-      if #v > 16 or not (v == '0' or string.find(v, '^[1-9]%d*$')) then
-        return nil, string.format('%q: not a non-negative integer', f)
-      end
-      ev[f] = tonumber(v)
-    elseif f == 'k' then
-      if v ~= '0' and v ~= '1' then return nil, 'track: must be 0 or 1' end
-      ev[f] = (v == '1')
-    else
-      ev[f] = v
+  for i = 1, #fields, 2 do ev[fields[i]] = fields[i + 1] end
+  if find(concat(fields), '[\128-\255]') then
+    for f, v in pairs(ev) do
+      if not valid_utf8(f) or not valid_utf8(v) then return nil, 'invalid UTF-8' end
     end
   end
   local t = ev.t
   if t == nil then return nil, 'type: missing' end
   local allowed = ALLOWED[t]
   if not allowed then return nil, 'type: unknown event type' end
-  for f in pairs(ev) do
-    if not allowed[f] then return nil, string.format('%q: unknown field', f) end
+  for f, v in pairs(ev) do
+    if not allowed[f] then return nil, format('%q: unknown field', f) end
+    if INT_FIELDS[f] then
+      if #v > 16 or not (v == '0' or find(v, '^[1-9]%d*$')) then
+        return nil, format('%q: not a non-negative integer', f)
+      end
+      v = tonumber(v)
+      if v > L.max_int then return nil, format('%q: too large', f) end
+      ev[f] = v
+    elseif f == 'k' then
+      if v ~= '0' and v ~= '1' then return nil, 'track: must be 0 or 1' end
+      ev[f] = (v == '1')
+    else
+      local limit = BYTE_LIMIT[f]
+      if limit and #v > L[limit] then return nil, format('%q: too long', f) end
+    end
   end
   local j = ev.j
   if j == nil then return nil, 'jid: required' end
-  if #j < 1 or #j > L.max_jid or string.find(j, '[^!-~]') then return nil, 'jid: invalid' end
-  for f in pairs(INT_FIELDS) do
-    if ev[f] and ev[f] > L.max_int then return nil, string.format('%q: too large', f) end
-  end
+  if #j < 1 or #j > L.max_jid or find(j, '[^!-~]') then return nil, 'jid: invalid' end
   if ev.p and ev.p > 100 then return nil, 'percent: more than 100' end
-  for f, limit in pairs(BYTE_LIMIT) do
-    if ev[f] and #ev[f] > L[limit] then return nil, string.format('%q: too long', f) end
-  end
   return ev
 end
 

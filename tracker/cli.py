@@ -38,7 +38,7 @@ _json = msgspec.json.Encoder()
 @click.option("--prefix", envvar="TRACKER_PREFIX", show_envvar=True, default="tracker",
               show_default=True, help="Key prefix: one deployment per prefix.")
 @click.option("--partitions", envvar="TRACKER_PARTITIONS", show_envvar=True, type=int,
-              help="Stream partitions, fixed when a deployment is first used. [default: 8]")
+              help="Stream partitions, fixed when a deployment is first used. [default: 4]")
 @click.option("--ttl", envvar="TRACKER_TTL", show_envvar=True, type=int,
               help="Seconds a track lives after its last update or reservation. [default: 1800]")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")

@@ -22,7 +22,7 @@ from tracker import embedded, keys
 from tracker.errors import ConfigError, RedisUnavailable
 from tracker.scripts import Scripts
 
-DEFAULT_PARTITIONS = 8
+DEFAULT_PARTITIONS = 4
 MAX_PARTITIONS = 1024
 PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from functools import lru_cache
 from typing import Annotated, Any, Optional, Union
 
 import msgspec
@@ -203,7 +204,12 @@ def parse_time(value: Any, field: str = "reserve_until") -> int:
 
 def format_time(ms: int) -> str:
     """Epoch ms -> RFC 3339 UTC, second precision, as Faktory prints it."""
-    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _format_second(ms // 1000)
+
+
+@lru_cache(maxsize=4096)  # get_many formats many tracks updated in the same seconds
+def _format_second(seconds: int) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class TrackSetRequest(msgspec.Struct, forbid_unknown_fields=True):

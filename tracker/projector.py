@@ -158,9 +158,14 @@ class Projector:
                 if not grouped:  # here, inside the retry loop: Redis may be away at start
                     self.ensure_group(part, client)
                     grouped = True
-                n, _p, last, _c, waiting = self.step(part, scripts, client)
+                n, _p, last, claimed, waiting = self.step(part, scripts, client)
+                backoff = 0.05
+                if n >= self.batch or claimed:
+                    continue  # more may be waiting: fold again at once
                 if n:
-                    backoff = 0.05
+                    # A short batch took all there was: block from its last entry
+                    # rather than pay one more (empty) script call first.
+                    client.xread({stream: last}, count=1, block=self.block_ms)
                     continue
                 if waiting:
                     self.stopping.wait(0.1)

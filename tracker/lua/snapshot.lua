@@ -62,15 +62,16 @@ end
 
 -- Entry ID '<ms>-<seq>' as 10 bytes: 6 of ms, 4 of seq (capped), big-endian, so
 -- byte order is ID order.
-local char, floor = string.char, math.floor
+local char, floor, match = string.char, math.floor, string.match
 function Snap.pack_id(id)
-  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  local ms, seq = match(id, '^(%d+)-(%d+)$')
   ms, seq = tonumber(ms), tonumber(seq)
   if seq > 4294967295 then seq = 4294967295 end
-  local b = {}
-  for i = 6, 1, -1 do b[i] = ms % 256; ms = floor(ms / 256) end
-  for i = 10, 7, -1 do b[i] = seq % 256; seq = floor(seq / 256) end
-  return char(b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10])
+  local hi, lo = floor(ms / 16777216), ms % 16777216
+  local shi, slo = floor(seq / 65536), seq % 65536
+  return char(floor(hi / 65536), floor(hi / 256) % 256, hi % 256,
+              floor(lo / 65536), floor(lo / 256) % 256, lo % 256,
+              floor(shi / 256), shi % 256, floor(slo / 256), slo % 256)
 end
 
 function Snap.unpack_id(s, i)
