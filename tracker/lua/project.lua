@@ -79,16 +79,9 @@ local meta, hist = Snap.keys(snap)
 local retention
 snap, retention = Snap.settings(meta, snap)
 
-local tracks, orig, ids, poisoned, hidx = {}, {}, {}, 0, {}
-local function load(jid)
-  local t = tracks[jid]
-  if t ~= nil then return t or nil end
-  local raw
-  t, raw = Snap.load(snap .. jid)
-  orig[jid] = raw
-  tracks[jid] = t or false
-  return t
-end
+local batch = Snap.batch(snap)
+local tracks, load = batch.tracks, batch.load
+local ids, poisoned, hidx = {}, 0, {}
 
 for i, entry in ipairs(entries) do
   local id, fields = entry[1], entry[2]
@@ -110,7 +103,7 @@ for i, entry in ipairs(entries) do
 end
 
 for jid, t in pairs(tracks) do
-  Snap.write(snap .. jid, t, orig[jid], t and t.x + grace)
+  Snap.write(snap .. jid, t, batch.orig[jid], t and t.x + grace)
 end
 Snap.flush_index(hist, hidx, retention)
 

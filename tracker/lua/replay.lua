@@ -113,20 +113,14 @@ local function fold_chunk()
   if not fin then return 0 end
   local entries = redis.call('XRANGE', stream, '(' .. pos, fin, 'COUNT', count)
   if #entries == 0 then return 0 end
-  local tracks, orig, part = {}, {}, {}
-  local function load(jid)
-    local t = tracks[jid]
-    if t ~= nil then return t or nil end
-    local raw
-    t, raw = Snap.load(snap .. jid)
-    orig[jid] = raw
-    tracks[jid] = t or false
-    if not raw and check ~= '' then
-      local head = redis.call('GETRANGE', hist .. jid, 0, 9)
-      if #head == 10 and id_lt(Snap.unpack_id(head, 1), check) then part[jid] = true end
-    end
-    return t
-  end
+  local part = {}
+  local batch = Snap.batch(snap, check ~= '' and function(jid)
+    -- No snapshot yet: if the job's history starts before the log does, its
+    -- beginning was trimmed and this fold cannot rebuild it.
+    local head = redis.call('GETRANGE', hist .. jid, 0, 9)
+    if #head == 10 and id_lt(Snap.unpack_id(head, 1), check) then part[jid] = true end
+  end or nil)
+  local tracks, orig, load = batch.tracks, batch.orig, batch.load
   local at
   for _, entry in ipairs(entries) do
     local ev = Fold.decode(entry[2])

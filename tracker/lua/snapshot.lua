@@ -38,6 +38,24 @@ function Snap.load(key)
           p = tonumber(raw.p), d = raw.d}, raw
 end
 
+-- A batch's tracks: each loaded once (b.tracks[jid] = track, or false when absent),
+-- with its stored fields kept for Snap.write (b.orig[jid]). on_miss(jid) runs for a
+-- JID that has no snapshot.
+function Snap.batch(prefix, on_miss)
+  local b = {tracks = {}, orig = {}}
+  function b.load(jid)
+    local t = b.tracks[jid]
+    if t ~= nil then return t or nil end
+    local raw
+    t, raw = Snap.load(prefix .. jid)
+    b.orig[jid] = raw
+    b.tracks[jid] = t or false
+    if not raw and on_miss then on_miss(jid) end
+    return t
+  end
+  return b
+end
+
 -- Store track t (false/nil: delete) over the raw fields old, expiring the key at expire_at.
 function Snap.write(key, t, old, expire_at)
   if not t then
