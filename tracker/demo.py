@@ -123,5 +123,6 @@ def run_demo(app, jobs: int = 6, seed: int = 7) -> None:
     enc = msgspec.json.Encoder()
     for answer in tracker.get_many(jids):
         click.echo(enc.encode(answer))
-    click.echo(f"\nUntracked jobs answer 'unknown'. Try: tracker --prefix {settings.prefix} "
-               f"get {jids[1]}")
+    click.echo(f"\nUntracked jobs answer 'unknown'. The log keeps every event; try:\n"
+               f"  tracker --prefix {settings.prefix} history {jids[1]}\n"
+               f"  tracker --prefix {settings.prefix} replay --verify")
