@@ -12,7 +12,7 @@ import re
 import time
 
 import pytest
-from redis.connection import Connection
+from redis.connection import AbstractConnection
 
 from tracker import events, keys
 from tracker.errors import TrackerError, ValidationError
@@ -301,13 +301,13 @@ class _Trips:
 
     def __init__(self, monkeypatch):
         self.n = 0
-        orig = Connection.send_packed_command
+        orig = AbstractConnection.send_packed_command  # TCP, unix socket and fakeredis alike
 
         def spy(conn, command, check_health=True):
             self.n += 1
             return orig(conn, command, check_health)
 
-        monkeypatch.setattr(Connection, "send_packed_command", spy)
+        monkeypatch.setattr(AbstractConnection, "send_packed_command", spy)
 
 
 def test_get_of_one_jid_is_one_round_trip(pub, tracker, projector, monkeypatch):

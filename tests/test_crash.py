@@ -165,3 +165,41 @@ def test_signal_finishes_the_batch_and_exits_0(crash_env, sig):
     for p in range(PARTITIONS):  # it left the group cleanly
         consumers = d.client.xinfo_consumers(keys.stream(d.prefix, p), keys.GROUP)
         assert all(c["name"] not in (b"graceful", "graceful") for c in consumers)
+
+
+def test_a_stopping_daemon_keeps_pending_entries_it_did_not_make(crash_env):
+    """Entries left pending under the daemon's name (a half-run script, another reader
+    using the same name) must survive its exit, to be folded once idle."""
+    d, env = crash_env
+    Publisher(d).enqueued("kept", custom={"track": 1})
+    part = d.partition("kept")
+    stream = keys.stream(d.prefix, part)
+    d.client.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
+    d.client.xreadgroup(keys.GROUP, "w1", {stream: ">"})  # delivered, never acknowledged
+    proc = subprocess.Popen(TRACKER + ["project", "--consumer", "w1", "--claim-idle", "60000"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert d.client.xpending(stream, keys.GROUP)["pending"] == 1
+    run = subprocess.run(TRACKER + ["project", "--once", "--claim-idle", "0"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert d.client.xpending(stream, keys.GROUP)["pending"] == 0
+    assert read_snapshots(d)["kept"][b"s"] == b"enqueued"
+
+
+def test_a_hand_edited_snapshot_does_not_stall_the_partition(crash_env):
+    d, _env = crash_env
+    from tracker.projector import Projector
+
+    pub, proj = Publisher(d), Projector(d, consumer="edit")
+    pub.enqueued("edited", custom={"track": 1})
+    proj.drain()
+    key = keys.snapshot(d.prefix, d.partition("edited"), "edited")
+    d.client.delete(key)
+    d.client.hset(key, "p", "77")  # not a snapshot tracker wrote: no state, no times
+    pub.enqueued("edited", custom={"track": 1})
+    pub.success("edited")
+    proj.drain()
+    assert read_snapshots(d)["edited"][b"s"] == b"success"

@@ -221,3 +221,23 @@ def test_live_rebuild_under_load_never_answers_wrong(real_deployment):
     assert [g for g, w in zip(got, want) if g != w] == [w for g, w in zip(got, want) if g != w]
     assert replay.verify(d).ok
     assert lua(d.client, "replay") is lua(d.client, "replay")
+
+
+def test_rebuild_refuses_when_retention_is_shorter_than_a_track_can_live(real_deployment):
+    """A live track whose every event (and history index) was trimmed cannot be rebuilt:
+    with a retention that short, replay refuses unless forced."""
+    d = real_deployment
+    from tracker import retention
+    from tracker.errors import TrackerError
+
+    pub = Publisher(d)
+    pub.enqueued("long", custom={"track": 1})
+    pub.working("long", reserve_for=7200)
+    Projector(d, consumer="p").drain()
+    part = d.partition("long")
+    d.client.hset(keys.config(d.prefix), "retention", 60_000)
+    d.client.xtrim(keys.stream(d.prefix, part), maxlen=0)  # as an age trim would, later
+    with pytest.raises(TrackerError, match="retention"):
+        replay.rebuild(d, part)
+    assert Tracker(d).get("long")["state"] == "working"
+    replay.rebuild(d, part, force=True)  # the operator's explicit choice

@@ -281,10 +281,10 @@ def embedded_stop(app):
 @embedded.command("path")
 @pass_app
 def embedded_path(app):
-    """Print the unix socket URL of the embedded Redis (for redis-cli -s)."""
+    """Print the embedded Redis's socket (redis-cli -s PATH, or --redis-url unix://PATH)."""
     from tracker import embedded as emb
 
-    click.echo(f"unix://{emb.ensure(app.settings.data_dir)}")
+    click.echo(str(emb.ensure(app.settings.data_dir)))
 
 
 def main() -> None:

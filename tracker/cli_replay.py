@@ -57,9 +57,11 @@ class Progress:
 @click.option("--verify", is_flag=True, help="Compare the live snapshots with the log; write nothing.")
 @click.option("--keep-old", is_flag=True, help="Leave the old generation's keys to expire on "
                                                "their own instead of unlinking them.")
+@click.option("--force", is_flag=True, help="Rebuild even when a short retention may have "
+                                            "trimmed away every event of some live track.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_app
-def replay(app, partition, verify, keep_old, as_json):
+def replay(app, partition, verify, keep_old, force, as_json):
     """Rebuild every snapshot from the log, live (or audit them with --verify).
 
     The rebuild folds into a new generation of keys while projectors and producers
@@ -74,7 +76,7 @@ def replay(app, partition, verify, keep_old, as_json):
         if verify:
             res = rp.verify(d, partition, prog)
         else:
-            done = rp.rebuild(d, partition, prog, unlink_old=not keep_old)
+            done = rp.rebuild(d, partition, prog, unlink_old=not keep_old, force=force)
     finally:
         prog.close()
     if verify:

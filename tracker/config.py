@@ -52,6 +52,10 @@ def _env_int(name: str) -> Optional[int]:
         raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
 
 
+def _default(value: Optional[int], default: int) -> int:
+    return default if value is None else value
+
+
 @dataclass
 class Settings:
     redis_url: Optional[str] = None  # None: the embedded Redis under data_dir
@@ -67,8 +71,8 @@ class Settings:
         s = cls(redis_url=os.environ.get("TRACKER_REDIS_URL") or None,
                 prefix=os.environ.get("TRACKER_PREFIX") or "tracker",
                 partitions=_env_int("TRACKER_PARTITIONS"),
-                ttl=_env_int("TRACKER_TTL") or 1800,
-                grace=_env_int("TRACKER_GRACE") or 300)
+                ttl=_default(_env_int("TRACKER_TTL"), 1800),
+                grace=_default(_env_int("TRACKER_GRACE"), 300))
         if os.environ.get("TRACKER_DATA_DIR"):
             s.data_dir = Path(os.environ["TRACKER_DATA_DIR"])
         for k, v in overrides.items():
@@ -119,8 +123,10 @@ def unavailable(settings: Settings, err: Exception) -> RedisUnavailable:
     if isinstance(err, redis.exceptions.NoPermissionError) or text.startswith("NOPERM"):
         return RedisUnavailable(f"the Redis user at {settings.where()} lacks a permission: {text}. "
                                 "See the README's least-privilege section.")
-    return RedisUnavailable(f"cannot use Redis at {settings.where()}: {text}. Is it running? "
-                            "Set --redis-url or TRACKER_REDIS_URL.")
+    if isinstance(err, (redis.ConnectionError, redis.TimeoutError)):
+        return RedisUnavailable(f"cannot use Redis at {settings.where()}: {text}. Is it running? "
+                                "Set --redis-url or TRACKER_REDIS_URL.")
+    return RedisUnavailable(f"Redis at {settings.where()} answered an error: {text}")
 
 
 class Deployment:

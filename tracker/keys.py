@@ -51,7 +51,7 @@ def partition_of(jid: str, partitions: int) -> int:
     """Stable across processes, languages and Python versions (CRC-32)."""
     if partitions == 1:
         return 0
-    return zlib.crc32(jid.encode()) % partitions
+    return zlib.crc32(jid.encode("utf-8", "surrogatepass")) % partitions
 
 
 # ------------------------------------------------------------- replay, history

@@ -182,6 +182,10 @@ class Projector:
                 log.error("partition %d: Redis error %s; retrying in %.1fs", part, e, backoff)
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
+            except Exception:  # never let one partition stop folding silently
+                log.exception("partition %d: unexpected error; retrying in %.1fs", part, backoff)
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
 
     def run(self, report_every: float = 10.0) -> None:
         """Run until ``stop()``; each thread finishes its batch (atomic) and leaves."""
@@ -210,11 +214,17 @@ class Projector:
                  self.totals.dead_lettered)
 
     def _leave(self) -> None:
-        """Remove this consumer from each group; it never holds pending entries."""
+        """Remove this consumer from each group where it holds no pending entry.
+
+        Our own steps never leave any, but a script stopped half-way (a missing ACL
+        right) or another reader using our name can; DELCONSUMER would drop those.
+        """
         try:
             for part in range(self.d.partitions):
-                self.d.client.xgroup_delconsumer(keys.stream(self.d.prefix, part), keys.GROUP,
-                                                 self.consumer)
+                stream = keys.stream(self.d.prefix, part)
+                if not self.d.client.xpending_range(stream, keys.GROUP, "-", "+", 1,
+                                                    consumername=self.consumer):
+                    self.d.client.xgroup_delconsumer(stream, keys.GROUP, self.consumer)
         except redis.RedisError:
             pass
 

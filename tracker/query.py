@@ -18,7 +18,6 @@ from tracker.config import Deployment, Settings, unavailable
 from tracker.publisher import Publisher
 from tracker.scripts import call_many
 
-_TERMINAL = frozenset({"success", "failed", "dead"})
 
 
 def unknown(jid: str) -> dict:
@@ -140,6 +139,3 @@ class Tracker:
     def set_json(self, payload: bytes | str) -> str:
         """TRACK SET with Faktory's JSON payload."""
         return self.publisher.publish(events.decode_trackset_json(payload))[0]
-
-    def is_finished(self, answer: dict) -> bool:
-        return answer["state"] in _TERMINAL or answer["state"] == "unknown"

@@ -90,8 +90,26 @@ def unlink_prefix(client: redis.Redis, prefix: str) -> int:
     return n
 
 
+def _check_retention(d: Deployment, part: int) -> None:
+    """Refuse a rebuild that could drop live tracks: with a retention shorter than the
+    longest a track can live (a day's reservation + TTL + grace), a live job's every
+    event, and its history index, may be gone, and the fold would not know the job."""
+    from tracker import retention
+    from tracker.events import RESERVE_MAX
+
+    longest = RESERVE_MAX * 1000 + d.ttl_ms + d.grace_ms
+    kept = retention.resolve(d)
+    if kept < longest and not never_trimmed(d.client, keys.stream(d.prefix, part)):
+        raise TrackerError(
+            f"replay of partition {part}: the log was trimmed with a retention of "
+            f"{kept // 1000}s, shorter than a track can live ({longest // 1000}s), so a "
+            f"rebuild could drop live tracks; use a longer retention or --force")
+
+
 def rebuild_partition(d: Deployment, part: int, progress: Progress = None, chunk: int = CHUNK,
-                      unlink_old: bool = True) -> Rebuilt:
+                      unlink_old: bool = True, force: bool = False) -> Rebuilt:
+    if not force:
+        _check_retention(d, part)
     t0 = time.perf_counter()
     new_gen, old_gen, first = _call(d, part, "begin")
     gen = str(new_gen)
@@ -146,8 +164,9 @@ def partitions(d: Deployment, partition: Optional[int]) -> list[int]:
 
 
 def rebuild(d: Deployment, partition: Optional[int] = None, progress: Progress = None,
-            chunk: int = CHUNK, unlink_old: bool = True) -> list[Rebuilt]:
-    return [rebuild_partition(d, p, progress, chunk, unlink_old) for p in partitions(d, partition)]
+            chunk: int = CHUNK, unlink_old: bool = True, force: bool = False) -> list[Rebuilt]:
+    return [rebuild_partition(d, p, progress, chunk, unlink_old, force)
+            for p in partitions(d, partition)]
 
 
 def log_length(d: Deployment, partition: Optional[int] = None) -> int:

@@ -34,6 +34,9 @@ function Snap.load(key)
   if #h == 0 then return nil, false end
   local raw = {}
   for i = 1, #h, 2 do raw[h[i]] = h[i + 1] end
+  if not (raw.s and tonumber(raw.u) and tonumber(raw.x)) then
+    return nil, raw -- not a snapshot we wrote (edited by hand): as if absent, overwritten
+  end
   return {s = raw.s, u = tonumber(raw.u), x = tonumber(raw.x), r = tonumber(raw.r) or 0,
           p = tonumber(raw.p), d = raw.d}, raw
 end
