@@ -34,7 +34,7 @@ def roles(p: str) -> dict[str, list[str]]:
     """The ACL rules per role for prefix ``p`` (commands, then key patterns)."""
     return {
         # XADD to the partition logs; Deployment.open reads the version and partitions.
-        "producer": ["+hello", "+info", "+hget", "+xadd",
+        "producer": ["+hello", "+info", "+hmget", "+xadd",
                      f"~{{{p}:*}}:log", f"%R~{p}:config"],
         # Its group, snapshots, DLQ, stats, history index, periodic trim.
         "projector": ["+hello", "+info", "+hget", "+hset", "+evalsha", "+script|load",

@@ -551,3 +551,26 @@ def test_stream_entries_are_compact_and_readable(pub, tracker, deployment):
                   b"r": b"600"}
     assert set(f2) == {b"t", b"j", b"p", b"d", b"u"} and f2[b"t"] == b"trackset"
     assert all(ms_of(i) > 0 for i in ids)
+
+
+def test_partitions_and_ttl_are_fixed_by_the_first_process(real_redis_url, prefix):
+    """Every process of a deployment folds alike: the count and the TTL are stored at
+    first use, later processes inherit them, and contradicting them is an error."""
+    from conftest import cleanup
+    from tracker.config import Deployment, Settings
+    from tracker.errors import ConfigError
+
+    def open_(**kw):
+        return Deployment.open(Settings(redis_url=real_redis_url, prefix=prefix, **kw))
+
+    first = open_(partitions=2, ttl=90)
+    try:
+        later = open_()  # no explicit values: the stored ones
+        assert (later.partitions, later.ttl_ms) == (2, 90_000)
+        later.close()
+        for wrong in ({"partitions": 3}, {"ttl": 91}):
+            with pytest.raises(ConfigError, match=next(iter(wrong))):
+                open_(**wrong)
+    finally:
+        cleanup(first.client, prefix)
+        first.close()

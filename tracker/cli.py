@@ -40,7 +40,8 @@ _json = msgspec.json.Encoder()
 @click.option("--partitions", envvar="TRACKER_PARTITIONS", show_envvar=True, type=int,
               help="Stream partitions, fixed when a deployment is first used. [default: 4]")
 @click.option("--ttl", envvar="TRACKER_TTL", show_envvar=True, type=int,
-              help="Seconds a track lives after its last update or reservation. [default: 1800]")
+              help="Seconds a track lives after its last update or reservation, fixed when a "
+                   "deployment is first used. [default: 1800]")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.version_option(package_name="tracker")
 @click.pass_context

@@ -23,6 +23,7 @@ from tracker.errors import ConfigError, RedisUnavailable
 from tracker.scripts import Scripts
 
 DEFAULT_PARTITIONS = 4
+DEFAULT_TTL = 1800
 MAX_PARTITIONS = 1024
 PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -62,7 +63,8 @@ class Settings:
     data_dir: Path = field(default_factory=embedded.default_data_dir)
     prefix: str = "tracker"
     partitions: Optional[int] = None  # None: whatever Redis holds, else DEFAULT_PARTITIONS
-    ttl: int = 1800  # seconds a track outlives its last update / reservation
+    ttl: Optional[int] = None  # seconds a track outlives its last update / reservation;
+    # None: whatever the deployment holds, else DEFAULT_TTL (a fold parameter, so stored)
     grace: int = 300  # seconds a snapshot key outlives its logical expiry
 
     @classmethod
@@ -71,7 +73,7 @@ class Settings:
         s = cls(redis_url=os.environ.get("TRACKER_REDIS_URL") or None,
                 prefix=os.environ.get("TRACKER_PREFIX") or "tracker",
                 partitions=_env_int("TRACKER_PARTITIONS"),
-                ttl=_default(_env_int("TRACKER_TTL"), 1800),
+                ttl=_env_int("TRACKER_TTL"),
                 grace=_default(_env_int("TRACKER_GRACE"), 300))
         if os.environ.get("TRACKER_DATA_DIR"):
             s.data_dir = Path(os.environ["TRACKER_DATA_DIR"])
@@ -87,7 +89,7 @@ class Settings:
                               f"got {self.prefix!r}")
         if self.partitions is not None and not 1 <= self.partitions <= MAX_PARTITIONS:
             raise ConfigError(f"partitions: expected 1..{MAX_PARTITIONS}, got {self.partitions}")
-        if not 1 <= self.ttl <= 10**7:
+        if self.ttl is not None and not 1 <= self.ttl <= 10**7:
             raise ConfigError(f"ttl: expected 1..10000000 seconds, got {self.ttl}")
         if not 0 <= self.grace <= 10**7:
             raise ConfigError(f"grace: expected 0..10000000 seconds, got {self.grace}")
@@ -132,12 +134,14 @@ def unavailable(settings: Settings, err: Exception) -> RedisUnavailable:
 class Deployment:
     """One tracker installation: client, prefix, partitions, TTL, scripts."""
 
-    def __init__(self, client: redis.Redis, settings: Settings, partitions: int):
+    def __init__(self, client: redis.Redis, settings: Settings, partitions: int,
+                 ttl: Optional[int] = None):
         self.client = client
         self.settings = settings
         self.prefix = settings.prefix
         self.partitions = partitions
-        self.ttl_ms = settings.ttl * 1000
+        self.ttl = ttl or settings.ttl or DEFAULT_TTL
+        self.ttl_ms = self.ttl * 1000
         self.grace_ms = settings.grace * 1000
         self.scripts = Scripts(client)
 
@@ -152,27 +156,34 @@ class Deployment:
                 if tuple(int(x) for x in re.findall(r"\d+", str(version))[:2]) < (6, 2):
                     raise ConfigError(f"Redis {version} at {settings.where()} is too old: "
                                       "tracker needs 6.2 or newer")
-            partitions = cls._agree_partitions(client, settings)
+            partitions, ttl = cls._agree(client, settings)
         except redis.AuthenticationError as e:
             raise RedisUnavailable(f"Redis at {settings.where()} refused the credentials: "
                                    f"{e}") from e
         except redis.RedisError as e:
             raise unavailable(settings, e) from e
-        return cls(client, settings, partitions)
+        return cls(client, settings, partitions, ttl)
 
     @staticmethod
-    def _agree_partitions(client: redis.Redis, settings: Settings) -> int:
+    def _agree(client: redis.Redis, settings: Settings) -> tuple[int, int]:
+        """Partition count and TTL, fixed in the config hash by the first process, so every
+        projector, replay and verify folds alike (one round trip when already set)."""
         key = keys.config(settings.prefix)
-        stored = client.hget(key, "partitions")
-        if stored is None:
-            client.hsetnx(key, "partitions", settings.partitions or DEFAULT_PARTITIONS)
-            stored = client.hget(key, "partitions")
-        n = int(stored)
-        if settings.partitions is not None and settings.partitions != n:
-            raise ConfigError(f"partitions: this deployment (prefix {settings.prefix!r}) has "
-                              f"{n} partitions, fixed when it was created; drop --partitions or "
-                              f"use another --prefix")
-        return n
+        stored = client.hmget(key, "partitions", "ttl")
+        if None in stored:
+            pipe = client.pipeline(transaction=False)
+            pipe.hsetnx(key, "partitions", settings.partitions or DEFAULT_PARTITIONS)
+            pipe.hsetnx(key, "ttl", settings.ttl or DEFAULT_TTL)
+            pipe.hmget(key, "partitions", "ttl")
+            stored = pipe.execute()[-1]
+        n, ttl = int(stored[0]), int(stored[1])
+        for name, mine, theirs in (("partitions", settings.partitions, n),
+                                   ("ttl", settings.ttl, ttl)):
+            if mine is not None and mine != theirs:
+                raise ConfigError(f"{name}: this deployment (prefix {settings.prefix!r}) uses "
+                                  f"{theirs}, fixed when it was first used (all processes must "
+                                  f"fold alike); drop --{name} or use another --prefix")
+        return n, ttl
 
     def partition(self, jid: str) -> int:
         return keys.partition_of(jid, self.partitions)
