@@ -245,3 +245,14 @@ def test_cli_list_retry_purge(d1, real_redis_url):
     r = _cli(real_redis_url, d1.prefix, "dlq", "purge", "--yes")
     assert r.returncode == 0 and b"purged 1" in r.stdout and dead.count(d1) == 0
     assert all(b"Traceback" not in x for x in (r.stdout, r.stderr))
+
+
+def test_two_retries_of_one_dead_letter_append_it_once(d1, monkeypatch):
+    """Two operators retrying at once: both list the letter, only one re-appends it."""
+    _dead_letter(d1, [(b"t", b"enqueued"), (b"j", b"J7"), (b"k", b"1")])
+    stale = dead.list_dead(d1)
+    monkeypatch.setattr(dead, "list_dead", lambda *a, **k: list(stale))
+    first, second = dead.retry(d1), dead.retry(d1)
+    assert len(first["retried"]) == 1 and second["retried"] == []
+    assert second["missing"] == [stale[0].ref]
+    assert d1.client.xlen(keys.stream(d1.prefix, 0)) == 1

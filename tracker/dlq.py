@@ -19,6 +19,7 @@ from typing import Iterable, Optional
 import redis
 
 from tracker import events, keys
+from tracker.history import lua
 from tracker.config import Deployment, unavailable
 from tracker.errors import ValidationError
 
@@ -145,11 +146,14 @@ def retry(d: Deployment, ids: Iterable[str] = (), partition: Optional[int] = Non
             if reason is not None:
                 result["skipped"].append((dl.ref, reason))
                 continue
-            pipe = d.client.pipeline(transaction=True)  # both keys share one hash tag
             # A repeated field collapses to its last value: what both decoders read.
-            pipe.xadd(keys.stream(d.prefix, dl.partition), dict(dl.fields))
-            pipe.xdel(keys.dlq(d.prefix, dl.partition), dl.dlq_id)
-            new_id, _ = pipe.execute()
+            flat = [x for pair in dict(dl.fields).items() for x in pair]
+            new_id = lua(d.client, "dlq_retry")(
+                keys=[keys.stream(d.prefix, dl.partition), keys.dlq(d.prefix, dl.partition)],
+                args=[dl.dlq_id, *flat])
+            if new_id is None:  # another retry moved it first
+                result["missing"].append(dl.ref)
+                continue
             result["retried"].append((dl.ref, new_id.decode()))
     except redis.RedisError as e:
         raise unavailable(d.settings, e) from e
