@@ -3,6 +3,7 @@
 -- two on random logs, poison entries included. Pure: no redis.call here.
 --
 -- Fold.configure(limits)          limits from tracker/events.py, via ARGV
+-- Fold.configure_argv(ARGV, i)    the same, read from ARGV[i..i+8]
 -- Fold.decode(fields) -> ev | nil, reason   validate one stream entry
 -- Fold.apply(track, ev, at, ttl) -> track | nil
 -- A track is {s=state, u=updated_at, x=expires_at, r=reserved_until, p=percent, d=desc}
@@ -12,6 +13,15 @@ local Fold = {}
 local L = {}
 
 function Fold.configure(limits) L = limits end
+
+-- The same from ARGV[first..first+8], in the order of tracker/scripts.py LIMITS.
+local LIMIT_NAMES = {'max_jid', 'max_desc', 'max_errtype', 'max_message', 'max_name', 'max_int',
+                     'reserve_default', 'reserve_min', 'reserve_max'}
+function Fold.configure_argv(argv, first)
+  local limits = {}
+  for i, name in ipairs(LIMIT_NAMES) do limits[name] = tonumber(argv[first + i - 1]) end
+  L = limits
+end
 
 local ALLOWED = {
   enqueued = {t = 1, j = 1, k = 1, q = 1, y = 1, r = 1},

@@ -29,7 +29,7 @@ _LUA = Path(__file__).parent / "lua"
 _SOURCES = {
     "replay": lambda: scripts.source("replay"),
     "history": lambda: (_LUA / "snapshot.lua").read_text() + "\n" + (_LUA / "history.lua").read_text(),
-    "trim": lambda: (_LUA / "trim.lua").read_text(),
+    "trim": lambda: (_LUA / "snapshot.lua").read_text() + "\n" + (_LUA / "trim.lua").read_text(),
     "dlq_retry": lambda: (_LUA / "dlq_retry.lua").read_text(),
 }
 _registered: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()

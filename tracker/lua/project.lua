@@ -31,12 +31,7 @@ local stream, dlq, stats = KEYS[1], KEYS[2], KEYS[3]
 local group, consumer, count = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local snap, ttl, grace = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local claim_idle, dlq_max = tonumber(ARGV[7]), tonumber(ARGV[8])
-Fold.configure({
-  max_jid = tonumber(ARGV[9]), max_desc = tonumber(ARGV[10]), max_errtype = tonumber(ARGV[11]),
-  max_message = tonumber(ARGV[12]), max_name = tonumber(ARGV[13]), max_int = tonumber(ARGV[14]),
-  reserve_default = tonumber(ARGV[15]), reserve_min = tonumber(ARGV[16]),
-  reserve_max = tonumber(ARGV[17]),
-})
+Fold.configure_argv(ARGV, 9)
 
 local entries, claimed = {}, 0
 local pending = redis.call('XPENDING', stream, group, '-', '+', count)

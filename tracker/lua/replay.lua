@@ -31,18 +31,8 @@ local hold, lock = tonumber(ARGV[7]), tonumber(ARGV[8])
 local _, hist = Snap.keys(base)
 local fmt = string.format
 
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-
-local function id_parts(id)
-  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-  return tonumber(ms), tonumber(seq)
-end
-local function id_lt(a, b)
-  local am, as = id_parts(a)
-  local bm, bs = id_parts(b)
-  return am < bm or (am == bm and as < bs)
-end
+local now = Snap.now_ms()
+local id_lt = Snap.id_lt
 
 -- The end of what the live projector has applied: {XRANGE end, group exists}.
 -- Pending entries (a foreign reader's) are delivered but not applied: stop before them.
@@ -100,12 +90,7 @@ if now - tonumber(st[4]) > hold then
   return redis.error_reply('SLOW the rebuild took longer than its hold time; run it again')
 end
 local snap = Snap.prefix(base, gen)
-Fold.configure({
-  max_jid = tonumber(ARGV[11]), max_desc = tonumber(ARGV[12]), max_errtype = tonumber(ARGV[13]),
-  max_message = tonumber(ARGV[14]), max_name = tonumber(ARGV[15]), max_int = tonumber(ARGV[16]),
-  reserve_default = tonumber(ARGV[17]), reserve_min = tonumber(ARGV[18]),
-  reserve_max = tonumber(ARGV[19]),
-})
+Fold.configure_argv(ARGV, 11)
 local fin, has_group = live_end()
 local folded, poisoned = 0, 0
 

@@ -8,18 +8,13 @@
 -- ID (later entries were never read) and oldest pending entry (read, not acked: a
 -- dead consumer's entries stay claimable); a running rebuild's position.
 -- In one script, so no reader can move between the check and the XTRIM.
+-- Prepended at load time with snapshot.lua (Snap.id_lt, Snap.now_ms).
 
 local retention, dry = tonumber(ARGV[1]), ARGV[2] == '1'
 if not dry then redis.call('HSET', KEYS[2], 'retention', string.format('%d', retention)) end
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'', 'empty log', 0} end
-local function id_lt(a, b)
-  local am, as = string.match(a, '^(%d+)-(%d+)$')
-  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  return am < bm or (am == bm and as < bs)
-end
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local id_lt = Snap.id_lt
+local now = Snap.now_ms()
 local minid, why = string.format('%d-0', math.max(now - retention, 0)), 'age'
 local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
 if #groups == 0 then return {'', 'no consumer group yet', 0} end
