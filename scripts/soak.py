@@ -24,7 +24,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from chaos import PrivateRedis, Producer, log, totals, verify  # noqa: E402
 
-from tracker import keys, retention  # noqa: E402
+from tracker import retention  # noqa: E402
 from tracker.config import Deployment, Settings  # noqa: E402
 from tracker.projector import Projector  # noqa: E402
 

@@ -165,7 +165,7 @@ def test_roles_cannot_do_each_others_work(env):
         lambda: prod.xrange(f"{{{p}:0}}:log"),  # a producer cannot read the log
         lambda: prod.hgetall(f"{{{p}:0}}:t:J1"),  # ... nor the snapshots
         lambda: prod.xadd(f"{{{p}:0}}:dlq", {"x": 1}),  # ... nor write anything but logs
-        lambda: prod.xadd(f"{{other:0}}:log", {"x": 1}),  # ... of its own deployment
+        lambda: prod.xadd("{other:0}:log", {"x": 1}),  # ... of its own deployment
         lambda: prod.delete(f"{{{p}:0}}:log"),
         lambda: reader.xadd(f"{{{p}:0}}:log", {"t": "success", "j": "J1"}),
         lambda: reader.hset(f"{{{p}:0}}:t:J1", "s", "dead"),

@@ -15,7 +15,6 @@ import textwrap
 import time
 
 import pytest
-import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

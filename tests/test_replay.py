@@ -227,7 +227,6 @@ def test_rebuild_refuses_when_retention_is_shorter_than_a_track_can_live(real_de
     """A live track whose every event (and history index) was trimmed cannot be rebuilt:
     with a retention that short, replay refuses unless forced."""
     d = real_deployment
-    from tracker import retention
     from tracker.errors import TrackerError
 
     pub = Publisher(d)

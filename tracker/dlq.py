@@ -20,6 +20,7 @@ import redis
 
 from tracker import events, keys
 from tracker.history import lua
+from tracker.replay import partitions
 from tracker.config import Deployment, unavailable
 from tracker.errors import ValidationError
 
@@ -75,14 +76,6 @@ def _parse(partition: int, entry) -> DeadLetter:
                       meta.get(b"reason", b"").decode(errors="replace"), pairs)
 
 
-def _partitions(d: Deployment, partition: Optional[int]) -> range:
-    if partition is None:
-        return range(d.partitions)
-    if not 0 <= partition < d.partitions:
-        raise ValidationError("partition", f"expected 0..{d.partitions - 1}, got {partition}")
-    return range(partition, partition + 1)
-
-
 def _split(ref: str, d: Deployment) -> tuple[Optional[int], str]:
     """``ID`` or ``P/ID`` (DLQ IDs are per partition, so two partitions may share one)."""
     part, _, i = ref.rpartition("/")
@@ -101,7 +94,7 @@ def list_dead(d: Deployment, partition: Optional[int] = None, ids: Iterable[str]
     raw = _raw(d.client)
     out: list[DeadLetter] = []
     try:
-        for p in _partitions(d, partition):
+        for p in partitions(d, partition):
             key = keys.dlq(d.prefix, p)
             if wanted:
                 for i in sorted({i for part, i in wanted if part in (None, p)}):
@@ -164,7 +157,7 @@ def purge(d: Deployment, partition: Optional[int] = None) -> int:
     """Delete the dead-letter streams; returns how many dead letters were dropped."""
     dropped = 0
     try:
-        for p in _partitions(d, partition):
+        for p in partitions(d, partition):
             key = keys.dlq(d.prefix, p)
             pipe = d.client.pipeline(transaction=True)
             pipe.xlen(key)
