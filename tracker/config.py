@@ -125,6 +125,7 @@ def unavailable(settings: Settings, err: Exception) -> RedisUnavailable:
     if isinstance(err, redis.exceptions.NoPermissionError) or text.startswith("NOPERM"):
         return RedisUnavailable(f"the Redis user at {settings.where()} lacks a permission: {text}. "
                                 "See the README's least-privilege section.")
+    text = text.rstrip(".")
     if isinstance(err, (redis.ConnectionError, redis.TimeoutError)):
         return RedisUnavailable(f"cannot use Redis at {settings.where()}: {text}. Is it running? "
                                 "Set --redis-url or TRACKER_REDIS_URL.")

@@ -16,8 +16,9 @@ import time
 
 import click
 import msgspec
+import redis
 
-from tracker.config import Deployment, Settings
+from tracker.config import Deployment, Settings, client_for, unavailable
 from tracker.projector import Projector
 from tracker.publisher import Publisher
 from tracker.query import Tracker
@@ -77,12 +78,15 @@ def run_demo(app, jobs: int = 6, seed: int = 7) -> None:
     base = app.settings
     settings = Settings(redis_url=base.redis_url, data_dir=base.data_dir,
                         prefix=f"{base.prefix}-demo", ttl=base.ttl)
-    d = Deployment.open(settings)
-    for pattern in (f"{{{settings.prefix}:*", f"{settings.prefix}:*"):  # a fresh demo each run
-        stale = list(d.client.scan_iter(match=pattern, count=1000))
-        if stale:
-            d.client.delete(*stale)
-    d = Deployment.open(settings)
+    client = client_for(settings)
+    try:  # a fresh demo each run: its own prefix, emptied (config included) before use
+        for pattern in (f"{{{settings.prefix}:*", f"{settings.prefix}:*"):
+            stale = list(client.scan_iter(match=pattern, count=1000))
+            if stale:
+                client.delete(*stale)
+    except redis.RedisError as e:
+        raise unavailable(settings, e) from e
+    d = Deployment.open(settings, client=client)
     tracker, pub = Tracker(d), Publisher(d)
     rng = random.Random(seed)
     stamp = time.strftime("%H%M%S")
