@@ -93,9 +93,15 @@ def projector(deployment) -> Projector:
     return Projector(deployment, consumer="test")
 
 
-@pytest.fixture
-def real_deployment(real_redis_url, prefix):
-    d = Deployment.open(Settings(redis_url=real_redis_url, prefix=prefix, partitions=4))
+def open_real(real_redis_url: str, prefix: str, partitions: int):
+    """A real-Redis deployment under ``prefix``, then its keys deleted (a generator
+    for fixtures: ``yield from open_real(...)``)."""
+    d = Deployment.open(Settings(redis_url=real_redis_url, prefix=prefix, partitions=partitions))
     yield d
     cleanup(d.client, prefix)
     d.close()
+
+
+@pytest.fixture
+def real_deployment(real_redis_url, prefix):
+    yield from open_real(real_redis_url, prefix, 4)

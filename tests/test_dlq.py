@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import cleanup
+from conftest import cleanup, open_real
 from tracker import dlq as dead
 from tracker import events, keys
 from tracker.config import Deployment, Settings
@@ -28,10 +28,7 @@ from tracker.projector import Projector
 @pytest.fixture
 def d1(real_redis_url, prefix):
     """One partition, so every raw entry lands where the test reads."""
-    d = Deployment.open(Settings(redis_url=real_redis_url, prefix=prefix, partitions=1))
-    yield d
-    cleanup(d.client, prefix)
-    d.close()
+    yield from open_real(real_redis_url, prefix, 1)
 
 
 def raw_xadd(d, fields, part=0) -> str:

@@ -12,7 +12,8 @@ from projections import track as fold_mod
 from tracker import events, keys, replay
 from tracker.cli import cli
 from tracker.errors import TrackerError
-from tracker.history import answer, lua
+from tracker.history import answer
+from tracker.scripts import registered as lua
 from tracker.projector import Projector
 from tracker.publisher import Publisher
 from tracker.query import Tracker

@@ -20,12 +20,10 @@ from typing import Optional
 import redis
 import redis.asyncio as aredis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 from redis.exceptions import NoScriptError
 
 from tracker import embedded, events, keys
-from tracker.config import Deployment, Settings, redact, unavailable
-from tracker.errors import ConfigError
+from tracker.config import Deployment, Settings, bad_url, connection_options, unavailable
 from tracker.query import get_call, plan, track_answer
 from tracker.scripts import source
 
@@ -39,16 +37,13 @@ def async_client_for(settings: Settings, max_connections: int = 32,
     """The redis.asyncio twin of ``config.client_for``: same URL rules, same embedded
     socket, same retry policy. The pool blocks when full (commands wait for a
     connection) instead of failing, so a burst of clients cannot exhaust it."""
-    common = dict(socket_timeout=socket_timeout, socket_connect_timeout=5,
-                  max_connections=max_connections, timeout=socket_timeout,
-                  retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
-                  retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+    common = dict(connection_options(socket_timeout, Retry), max_connections=max_connections,
+                  timeout=socket_timeout)
     if settings.redis_url:
         try:
             pool = aredis.BlockingConnectionPool.from_url(settings.redis_url, **common)
         except ValueError as e:
-            raise ConfigError(f"redis-url: {e}".replace(settings.redis_url,
-                                                        redact(settings.redis_url))) from None
+            raise bad_url(settings, e) from None
     else:
         sock = embedded.ensure(settings.data_dir)
         pool = aredis.BlockingConnectionPool(connection_class=aredis.UnixDomainSocketConnection,

@@ -101,17 +101,25 @@ class Settings:
         return redact(self.redis_url) if self.redis_url else f"embedded Redis in {self.data_dir}"
 
 
+def connection_options(socket_timeout: Optional[float], retry_class=Retry) -> dict:
+    """Timeouts and retry policy shared by the sync and the asyncio clients."""
+    return dict(socket_timeout=socket_timeout, socket_connect_timeout=5,
+                retry=retry_class(ExponentialBackoff(cap=1.0, base=0.05), 3),
+                retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+
+
+def bad_url(settings: Settings, err: ValueError) -> ConfigError:
+    return ConfigError(f"redis-url: {err}".replace(settings.redis_url, redact(settings.redis_url)))
+
+
 def client_for(settings: Settings, socket_timeout: Optional[float] = 10.0) -> redis.Redis:
     """A redis-py client for the settings (starting the embedded server if needed)."""
-    common = dict(socket_timeout=socket_timeout, socket_connect_timeout=5,
-                  retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
-                  retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+    common = connection_options(socket_timeout)
     if settings.redis_url:
         try:
             return redis.Redis.from_url(settings.redis_url, **common)
         except ValueError as e:
-            raise ConfigError(f"redis-url: {e}".replace(settings.redis_url,
-                                                        redact(settings.redis_url))) from None
+            raise bad_url(settings, e) from None
     sock = embedded.ensure(settings.data_dir)
     return redis.Redis(unix_socket_path=str(sock), **common)
 

@@ -19,10 +19,10 @@ from typing import Iterable, Optional
 import redis
 
 from tracker import events, keys
-from tracker.history import lua
-from tracker.replay import partitions
 from tracker.config import Deployment, unavailable
 from tracker.errors import ValidationError
+from tracker.replay import partitions
+from tracker.scripts import registered
 
 
 @dataclass
@@ -141,7 +141,7 @@ def retry(d: Deployment, ids: Iterable[str] = (), partition: Optional[int] = Non
                 continue
             # A repeated field collapses to its last value: what both decoders read.
             flat = [x for pair in dict(dl.fields).items() for x in pair]
-            new_id = lua(d.client, "dlq_retry")(
+            new_id = registered(d.client, "dlq_retry")(
                 keys=[keys.stream(d.prefix, dl.partition), keys.dlq(d.prefix, dl.partition)],
                 args=[dl.dlq_id, *flat])
             if new_id is None:  # another retry moved it first

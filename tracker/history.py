@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import msgspec
@@ -24,24 +22,6 @@ from projections import track as fold_mod
 from tracker import events, keys, query, scripts
 from tracker.config import Deployment, unavailable
 from tracker.errors import TrackerError, ValidationError
-
-_LUA = Path(__file__).parent / "lua"
-_SOURCES = {
-    "replay": lambda: scripts.source("replay"),
-    "history": lambda: (_LUA / "snapshot.lua").read_text() + "\n" + (_LUA / "history.lua").read_text(),
-    "trim": lambda: (_LUA / "snapshot.lua").read_text() + "\n" + (_LUA / "trim.lua").read_text(),
-    "dlq_retry": lambda: (_LUA / "dlq_retry.lua").read_text(),
-}
-_registered: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
-
-
-def lua(client: redis.Redis, name: str):
-    """The named script of tracker's replay/history/trim, registered once per client."""
-    per = _registered.setdefault(client, {})
-    if name not in per:
-        per[name] = client.register_script(_SOURCES[name]())
-    return per[name]
-
 
 def unpack_ids(blob: bytes) -> list[str]:
     """History index bytes -> entry IDs (6 bytes ms + 4 bytes seq, big-endian)."""
@@ -139,7 +119,7 @@ def history(d: Deployment, jid: str) -> History:
     events.check_jid(jid)
     part = d.partition(jid)
     try:
-        reply = lua(d.client, "history")(keys=[keys.stream(d.prefix, part),
+        reply = scripts.registered(d.client, "history")(keys=[keys.stream(d.prefix, part),
                                                keys.history(d.prefix, part, jid)])
     except redis.RedisError as e:
         raise unavailable(d.settings, e) from e

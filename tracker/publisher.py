@@ -60,13 +60,6 @@ class Publisher:
         pool = self._client.connection_pool
         for attempt in (0, 1):
             conn = pool.get_connection()
-            if not isinstance(conn, redis.Connection | redis.UnixDomainSocketConnection) or \
-                    type(conn).__module__.startswith("fakeredis"):
-                pool.release(conn)  # not a socket (fakeredis in unit tests): plain pipeline
-                pipe = self._client.pipeline(transaction=False)
-                for cmd in cmds:
-                    pipe.execute_command(*cmd)
-                return pipe.execute()
             try:
                 conn.send_packed_command(conn.pack_commands(cmds))
                 return [conn.read_response() for _ in cmds]

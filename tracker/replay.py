@@ -28,7 +28,8 @@ from tracker import events, keys
 from tracker import events as events_mod
 from tracker.config import Deployment, unavailable
 from tracker.errors import TrackerError
-from tracker.history import id_ms, lua, unpack_ids
+from tracker.history import id_ms, unpack_ids
+from tracker.scripts import registered
 from tracker.scripts import LIMITS
 
 HOLD_MS = 600_000  # a partition's rebuild must switch within this (see replay.lua)
@@ -59,7 +60,7 @@ def _call(d: Deployment, part: int, mode: str, gen="", check="", jids=(), chunk=
     a = [mode, keys.snapshot_prefix(p, part), keys.GROUP, chunk, d.ttl_ms, d.grace_ms, HOLD_MS,
          LOCK_MS, gen, check, *LIMITS, *jids]
     try:
-        return lua(d.client, "replay")(keys=k, args=a)
+        return registered(d.client, "replay")(keys=k, args=a)
     except redis.ResponseError as e:
         raise TrackerError(f"replay of partition {part}: {e}") from None
     except redis.RedisError as e:

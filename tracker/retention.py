@@ -23,7 +23,7 @@ import redis
 from tracker import keys
 from tracker.config import Deployment, unavailable
 from tracker.errors import ValidationError
-from tracker.history import lua
+from tracker.scripts import registered
 
 log = logging.getLogger("tracker.retention")
 
@@ -86,7 +86,7 @@ def trim(d: Deployment, retention_ms: int, partition: Optional[int] = None,
             d.client.hset(keys.config(d.prefix), "retention", retention_ms)
         for p in partitions(d, partition):
             stream = keys.stream(d.prefix, p)
-            minid, why, removed = lua(d.client, "trim")(
+            minid, why, removed = registered(d.client, "trim")(
                 keys=[stream, keys.meta(d.prefix, p), keys.replay_state(d.prefix, p)],
                 args=[retention_ms, "1" if dry_run else "0"])
             minid, why = minid.decode(), why.decode()

@@ -1,11 +1,14 @@
 """Lua scripts, read from their .lua files once and registered once per client.
 
-``project.lua`` is run with the fold (``projections/track.lua``) prepended, so
-the live projector executes the very file the differential tests check.
+Every script is composed here, and only here: ``project.lua`` and ``replay.lua``
+run with the fold (``projections/track.lua``) and the snapshot I/O
+(``snapshot.lua``) prepended, so the live projector and a rebuild execute the very
+files the differential tests check.
 """
 
 from __future__ import annotations
 
+import weakref
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,12 +21,32 @@ _LUA = Path(__file__).parent / "lua"
 _FOLD = Path(projections.__file__).parent / "track.lua"
 
 
+# Each script's parts, in order ("fold" is projections/track.lua, the rest tracker/lua/).
+_PARTS = {
+    "project": ("fold", "snapshot", "project"),
+    "replay": ("fold", "snapshot", "replay"),
+    "history": ("snapshot", "history"),
+    "trim": ("snapshot", "trim"),
+    "get": ("get",),
+    "dlq_retry": ("dlq_retry",),
+}
+
+
 @lru_cache(maxsize=None)
 def source(name: str) -> str:
-    if name in ("project", "replay"):  # the fold, then shared snapshot I/O (snapshot.lua)
-        return "\n".join([_FOLD.read_text(), (_LUA / "snapshot.lua").read_text(),
-                          (_LUA / f"{name}.lua").read_text()])
-    return (_LUA / f"{name}.lua").read_text()
+    return "\n".join((_FOLD if part == "fold" else _LUA / f"{part}.lua").read_text()
+                     for part in _PARTS[name])
+
+
+_registered: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def registered(client, name: str):
+    """The named script on ``client``, registered once per client."""
+    per = _registered.setdefault(client, {})
+    if name not in per:
+        per[name] = client.register_script(source(name))
+    return per[name]
 
 
 # ARGV[9..17] of project.lua, in its order: the one source is tracker/events.py.
@@ -70,5 +93,5 @@ class Scripts:
     """The scripts registered on one client (sync or asyncio)."""
 
     def __init__(self, client):
-        self.project = client.register_script(source("project"))
-        self.get = client.register_script(source("get"))
+        self.project = registered(client, "project")
+        self.get = registered(client, "get")
