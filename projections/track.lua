@@ -14,7 +14,7 @@ local L = {}
 
 function Fold.configure(limits) L = limits end
 
--- The same from ARGV[first..first+8], in the order of tracker/scripts.py LIMITS.
+-- The same from ARGV[first..first+8], in the order of tracker/store/scripts.py LIMITS.
 local LIMIT_NAMES = {'max_jid', 'max_desc', 'max_errtype', 'max_message', 'max_name', 'max_int',
                      'reserve_default', 'reserve_min', 'reserve_max'}
 function Fold.configure_argv(argv, first)

@@ -10,12 +10,22 @@ folding the same log always gives the same tracks, expiry included.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Any, Optional
 
 import msgspec
 
-from tracker.events import (RESERVE_MAX, AnyEvent, Dead, Enqueued, Failed, Success,
-                            TrackSet, Working, clamp_reserve)
+from tracker.events import (
+    RESERVE_MAX,
+    AnyEvent,
+    Dead,
+    Enqueued,
+    Failed,
+    Success,
+    TrackSet,
+    Working,
+    clamp_reserve,
+)
 
 STATES = ("unknown", "enqueued", "working", "success", "failed", "dead")
 
@@ -41,8 +51,7 @@ def apply(track: Optional[Track], event: AnyEvent, at: int, ttl_ms: int) -> Opti
     """
     if track is not None and track.expires_at <= at:
         track = None  # it expired before this event: the event meets nothing
-    cls = type(event)
-    if cls is Enqueued:
+    if isinstance(event, Enqueued):
         if track is None:
             if not event.track:
                 return None
@@ -53,11 +62,11 @@ def apply(track: Optional[Track], event: AnyEvent, at: int, ttl_ms: int) -> Opti
             track = msgspec.structs.replace(track, state="enqueued", reserved_until=0)
     elif track is None:
         return None  # untracked, never enqueued or expired: nothing to update
-    elif cls is Working:
+    elif isinstance(event, Working):
         track = msgspec.structs.replace(
             track, state="working", reserved_until=at + clamp_reserve(event.reserve_for) * 1000)
-    elif cls is TrackSet:
-        changes = {}
+    elif isinstance(event, TrackSet):
+        changes: dict[str, Any] = {}
         if event.percent is not None:
             changes["percent"] = event.percent
         if event.desc is not None:
@@ -70,7 +79,7 @@ def apply(track: Optional[Track], event: AnyEvent, at: int, ttl_ms: int) -> Opti
                 changes["reserved_until"] = wanted
         track = msgspec.structs.replace(track, **changes)
     else:
-        track = msgspec.structs.replace(track, state=_FINISHED[cls], reserved_until=0)
+        track = msgspec.structs.replace(track, state=_FINISHED[type(event)], reserved_until=0)
     track.updated_at = at
     track.expires_at = max(at, track.reserved_until) + ttl_ms
     return track

@@ -16,12 +16,16 @@ import subprocess
 import tempfile
 import time
 import uuid
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import redis
 
-from tracker import events, keys
-from tracker.config import Deployment, Settings
+from tracker import events
+from tracker.store import keys
+from tracker.store.deployment import Deployment
+from tracker.store.embedded import server_binary
+from tracker.store.settings import Settings
 
 # ------------------------------------------------------------------ private Redis
 
@@ -38,7 +42,6 @@ class PrivateRedis:
     def __init__(self):
         binary = shutil.which("redis-server")
         if not binary:
-            from tracker.embedded import server_binary
             binary = server_binary()
         self.binary = binary
         self.dir = tempfile.mkdtemp(prefix="tracker-bench-")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import inspect
 import json
 import multiprocessing
 import os
@@ -28,14 +27,16 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import redis  # noqa: E402
-
 import _benchlib as B  # noqa: E402
 import bench_project as BP  # noqa: E402
-from tracker import events, keys  # noqa: E402
+import redis  # noqa: E402
+
+from tracker import events  # noqa: E402
 from tracker.projector import Projector  # noqa: E402
 from tracker.publisher import Publisher  # noqa: E402
 from tracker.query import Tracker  # noqa: E402
+from tracker.replay import rebuild  # noqa: E402
+from tracker.store import keys  # noqa: E402
 
 QUICK = dict(rtt=2000, bulk=20_000, project=20_000, lag_secs=2.5, gets=2000, many=100,
              mem_jobs=10_000)
@@ -461,31 +462,19 @@ def bench_memory(url: str, cfg: dict, base: str) -> dict:
 
 
 def bench_replay(url: str, cfg: dict) -> dict:
-    if importlib.util.find_spec("tracker.replay") is None:
-        log("replay: not available (no tracker.replay module)")
-        return {"available": False, "reason": "no tracker.replay module"}
-    mod = importlib.import_module("tracker.replay")
-    fn = next((getattr(mod, n) for n in ("replay", "rebuild", "run") if callable(getattr(mod, n, None))),
-              None)
-    if fn is None:
-        log("replay: tracker.replay has no replay()/rebuild()/run(); not measured")
-        return {"available": False, "reason": "no replay()/rebuild()/run() in tracker.replay"}
+    """A full rebuild (``tracker.replay.rebuild``) of a projected log, events/s."""
     prefix = B.new_prefix("benchrep")
     d = B.open_deployment(url, prefix)
     try:
         mix, _ = B.job_mix(cfg["project"], seed=11, tag="rp")
         Publisher(d).publish_many(mix)
         t0 = time.perf_counter()
-        fn(d)
+        rebuild(d)
         secs = time.perf_counter() - t0
-        out = {"available": True, "function": f"tracker.replay.{fn.__name__}(deployment)",
+        out = {"available": True, "function": "tracker.replay.rebuild(deployment)",
                "events": len(mix), "seconds": secs, "per_s": len(mix) / secs}
         log(f"replay: {out['per_s']:,.0f} events/s")
         return out
-    except Exception as e:  # its API is someone else's: report, do not crash the bench
-        log(f"replay: tracker.replay.{fn.__name__}(deployment) failed: {e!r}")
-        return {"available": False, "reason": f"{fn.__name__}(deployment) raised {e!r}",
-                "signature": str(inspect.signature(fn))}
     finally:
         B.cleanup(d.client, prefix)
         d.close()

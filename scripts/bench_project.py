@@ -25,10 +25,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _benchlib as B  # noqa: E402
+
 from projections import track as fold_mod  # noqa: E402
-from tracker import events, keys  # noqa: E402
+from tracker import events  # noqa: E402
 from tracker.projector import Projector  # noqa: E402
 from tracker.publisher import Publisher  # noqa: E402
+from tracker.store import keys  # noqa: E402
 
 
 def prepare(d, n_events: int, seed: int = 1, tag: str = "j", batch: int = 1000) -> dict:

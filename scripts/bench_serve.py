@@ -27,9 +27,10 @@ import uuid
 
 import redis
 
-from tracker.config import Deployment, Settings
 from tracker.projector import Projector
 from tracker.publisher import Publisher
+from tracker.store.deployment import Deployment
+from tracker.store.settings import Settings
 
 JIDS = 1000
 
@@ -102,7 +103,7 @@ async def _load(port: int, conns: int, seconds: float, jids: list[bytes]) -> dic
         futs = []
         for c in range(conns):
             fut = loop.create_future()
-            await loop.create_connection(lambda: _Load(jids[c::conns] or jids, sample, stop_at, fut),
+            await loop.create_connection(lambda: _Load(jids[c::conns] or jids, sample, stop_at, fut),  # noqa: B023 (called at once)
                                          "127.0.0.1", port)
             futs.append(fut)
         await asyncio.gather(*futs)

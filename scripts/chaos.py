@@ -20,6 +20,7 @@ dead-lettered, no published entry missing from the log, no daemon crashed.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -39,10 +40,13 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from projections import fold
-from tracker import events, keys
-from tracker.config import Deployment, Settings
+from tracker import events
 from tracker.errors import RedisUnavailable
 from tracker.publisher import Publisher
+from tracker.store import keys
+from tracker.store.deployment import Deployment
+from tracker.store.embedded import server_binary
+from tracker.store.settings import Settings
 
 TRACKER = str(Path(sys.executable).with_name("tracker"))
 if not os.path.exists(TRACKER):
@@ -65,7 +69,6 @@ class PrivateRedis:
     def __init__(self, aof: bool = True):
         self.binary = os.environ.get("TRACKER_REDIS_SERVER") or shutil.which("redis-server")
         if not self.binary:
-            from tracker.embedded import server_binary
             self.binary = server_binary()
         self.dir = tempfile.mkdtemp(prefix="tracker-chaos-")
         self.port = free_port()
@@ -543,7 +546,6 @@ class Chaos:
 
 def replay_verify(url: str, prefix: str) -> str:
     """``tracker replay --verify`` if that command exists (another issue adds it)."""
-    import importlib.util
 
     if importlib.util.find_spec("tracker.replay") is None:
         return "n/a"

@@ -25,8 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from chaos import PrivateRedis, Producer, log, totals, verify  # noqa: E402
 
 from tracker import retention  # noqa: E402
-from tracker.config import Deployment, Settings  # noqa: E402
 from tracker.projector import Projector  # noqa: E402
+from tracker.store.deployment import Deployment
+from tracker.store.settings import Settings  # noqa: E402
 
 
 def sample(c, prefix: str, parts: int) -> dict:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 import uuid
 
-import fakeredis
 import pytest
-import redis
+from helpers import open_deployment, open_real, wipe
 
-from tracker import embedded
-from tracker.config import Deployment, Settings
 from tracker.projector import Projector
 from tracker.query import Tracker
+from tracker.store import embedded
+from tracker.store.deployment import Deployment
 
 
 @pytest.fixture(scope="session")
@@ -41,24 +40,9 @@ def embedded_url(tmp_path_factory) -> str:
     embedded.stop(data_dir)
 
 
-def cleanup(client: redis.Redis, prefix: str) -> None:
-    for pattern in (f"{{{prefix}:*", f"{prefix}:*"):
-        batch = list(client.scan_iter(match=pattern, count=1000))
-        for i in range(0, len(batch), 500):
-            client.delete(*batch[i:i + 500])
-
-
 @pytest.fixture
 def prefix() -> str:
     return "t" + uuid.uuid4().hex[:12]
-
-
-def _open(kind: str, real_redis_url: str, prefix: str, **settings):
-    if kind == "fake":
-        client = fakeredis.FakeRedis()
-        s = Settings(redis_url="redis://fakeredis", prefix=prefix, **settings)
-        return Deployment.open(s, client=client, check_version=False)
-    return Deployment.open(Settings(redis_url=real_redis_url, prefix=prefix, **settings))
 
 
 @pytest.fixture(params=["fake", "real"])
@@ -67,14 +51,14 @@ def backend(request, real_redis_url, prefix):
     made = []
 
     def make(**settings) -> Deployment:
-        d = _open(request.param, real_redis_url, prefix, **settings)
+        d = open_deployment(request.param, real_redis_url, prefix, **settings)
         made.append(d)
         return d
 
     make.kind = request.param
     yield make
     for d in made:
-        cleanup(d.client, prefix)
+        wipe(d)
         d.close()
 
 
@@ -91,15 +75,6 @@ def tracker(deployment) -> Tracker:
 @pytest.fixture
 def projector(deployment) -> Projector:
     return Projector(deployment, consumer="test")
-
-
-def open_real(real_redis_url: str, prefix: str, partitions: int):
-    """A real-Redis deployment under ``prefix``, then its keys deleted (a generator
-    for fixtures: ``yield from open_real(...)``)."""
-    d = Deployment.open(Settings(redis_url=real_redis_url, prefix=prefix, partitions=partitions))
-    yield d
-    cleanup(d.client, prefix)
-    d.close()
 
 
 @pytest.fixture

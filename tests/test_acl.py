@@ -17,14 +17,16 @@ import uuid
 
 import pytest
 import redis
+from helpers import cleanup
 
-from conftest import cleanup
 from tracker import retention
-from tracker.config import Deployment, Settings
 from tracker.errors import TrackerError
 from tracker.history import history
 from tracker.projector import Projector
 from tracker.query import Tracker
+from tracker.store.deployment import Deployment
+from tracker.store.scripts import source
+from tracker.store.settings import Settings
 
 URL = os.environ.get("TRACKER_REDIS_URL") or os.environ.get("REDIS_URL") \
     or "redis://127.0.0.1:6379/0"
@@ -177,11 +179,10 @@ def test_roles_cannot_do_each_others_work(env):
         lambda: proj.acl_list(),
         lambda: proj.keys("*"),
     ]
-    for i, call in enumerate(denied):
+    for _i, call in enumerate(denied):
         with pytest.raises(redis.exceptions.NoPermissionError):
             call()
     # A reader running the projector's script by SHA gets nothing done either.
-    from tracker.scripts import source
 
     sha = proj.script_load(source("project"))
     with pytest.raises(redis.ResponseError, match="permission|can't run"):

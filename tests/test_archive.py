@@ -8,15 +8,18 @@ import uuid
 
 import pytest
 from click.testing import CliRunner
+from helpers import cleanup
 
-from conftest import cleanup
-from tracker import archive, keys, replay
+from tracker import archive, replay
 from tracker.cli import cli
-from tracker.config import Deployment, Settings
 from tracker.errors import TrackerError
 from tracker.projector import Projector
 from tracker.publisher import Publisher
 from tracker.query import Tracker
+from tracker.store import keys
+from tracker.store.deployment import Deployment
+from tracker.store.settings import Settings
+from tracker.times import id_key
 
 
 def log_of(d):
@@ -52,9 +55,9 @@ def test_import_export_roundtrip(deployment, other):
     assert n == 161
     lines = [json.loads(x) for x in buf.getvalue().splitlines()]
     assert [x["id"] for x in lines] == sorted((x["id"] for x in lines),
-                                              key=archive._sort_key)  # one timeline
+                                              key=id_key)  # one timeline
     buf.seek(0)
-    assert archive.import_(other, buf) == {"imported": 161, "renumbered": 0}
+    assert archive.import_(other, buf)._asdict() == {"imported": 161, "renumbered": 0}
     assert log_of(other) == log_of(deployment)
     with pytest.raises(TrackerError, match="empty deployment"):
         archive.import_(other, io.StringIO(buf.getvalue()))

@@ -11,7 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "chaos.py"
+pytestmark = pytest.mark.slow
 
 
 def test_chaos_small_loses_nothing_and_applies_nothing_twice():

@@ -11,13 +11,16 @@ import time
 import uuid
 
 import pytest
+from helpers import wipe
 
-from tracker import events, keys
-from tracker.config import Deployment, Settings
+from tracker import events
+from tracker.cli import main
 from tracker.projector import Projector
 from tracker.publisher import Publisher
-
-from test_differential import wipe
+from tracker.query import Tracker
+from tracker.store import keys
+from tracker.store.deployment import Deployment
+from tracker.store.settings import Settings
 
 TRACKER = [sys.executable, "-c", "import sys; sys.argv[0] = 'tracker'; "
            "from tracker.cli import main; main()"]
@@ -57,7 +60,6 @@ class Result:
 
 def inproc(env, capsys, monkeypatch, *args) -> Result:
     """``tracker.cli.main()`` in this process (fast), with the same argv/env contract."""
-    from tracker.cli import main
 
     for k in [k for k in os.environ if k.startswith("TRACKER_")]:
         monkeypatch.delenv(k)
@@ -139,7 +141,6 @@ def test_set_accepts_rfc3339_reserve_until(env, d):
     soon = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 7200))
     assert ok(env, "set", "r", "--reserve-until", soon) == "OK\n"
     ok(env, "project", "--once")
-    from tracker.query import Tracker
     assert Tracker(d).reserved_until("r").strftime("%Y-%m-%dT%H:%M:%SZ") == soon
 
 

@@ -12,13 +12,17 @@ import re
 import time
 
 import pytest
+from helpers import cleanup
 from redis.connection import AbstractConnection
 
-from tracker import events, keys
-from tracker.errors import TrackerError, ValidationError
+from tracker import events
+from tracker.errors import ConfigError, TrackerError, ValidationError
 from tracker.projector import Projector
 from tracker.publisher import Publisher
 from tracker.query import Tracker
+from tracker.store import keys
+from tracker.store.deployment import Deployment
+from tracker.store.settings import Settings
 
 TRACK = {"track": 1}
 RFC3339_UTC = re.compile(r"\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\Z")
@@ -556,9 +560,7 @@ def test_stream_entries_are_compact_and_readable(pub, tracker, deployment):
 def test_partitions_and_ttl_are_fixed_by_the_first_process(real_redis_url, prefix):
     """Every process of a deployment folds alike: the count and the TTL are stored at
     first use, later processes inherit them, and contradicting them is an error."""
-    from conftest import cleanup
-    from tracker.config import Deployment, Settings
-    from tracker.errors import ConfigError
+
 
     def open_(**kw):
         return Deployment.open(Settings(redis_url=real_redis_url, prefix=prefix, **kw))

@@ -11,15 +11,16 @@ from __future__ import annotations
 import time
 import uuid
 
-import fakeredis
 import pytest
+from helpers import open_deployment, read_log, read_snapshots, track_fields, wipe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import projections
-from tracker import events, keys
-from tracker.config import Deployment, Settings
+from tracker import dlq, events
 from tracker.projector import Projector
+from tracker.store import keys
+from tracker.store.deployment import Deployment
 
 JIDS = [b"job-a", b"job-b", b"J" * 128, b"c!~"]
 TTL = 1  # seconds: entry IDs are spread over several TTLs, so expiry happens in the fold
@@ -140,72 +141,9 @@ def raw_logs(draw, base_ms: int, max_size: int = 40):
 
 
 # ------------------------------------------------------------------ the harness
-# (tests/test_fold_properties.py and tests/test_crash.py import these helpers)
-
-def track_fields(t: projections.Track) -> dict:
-    """The snapshot hash project.lua must write for a folded track (fields s p d u r x)."""
-    out = {b"s": t.state.encode(), b"u": str(t.updated_at).encode(),
-           b"x": str(t.expires_at).encode()}
-    if t.reserved_until:
-        out[b"r"] = str(t.reserved_until).encode()
-    if t.percent is not None:
-        out[b"p"] = str(t.percent).encode()
-    if t.desc is not None:
-        out[b"d"] = t.desc.encode()
-    return out
-
-
-def read_snapshots(d: Deployment, part: int = None) -> dict:
-    """Every snapshot hash of the deployment (or one partition), by JID."""
-    out = {}
-    for p in range(d.partitions) if part is None else [part]:
-        pre = keys.snapshot_prefix(d.prefix, p)
-        if hasattr(keys, "meta"):  # a rebuild may have switched to another generation
-            gen = d.client.hget(keys.meta(d.prefix, p), "gen")
-            if gen and gen != b"0":
-                pre = keys.snapshot_prefix_gen(d.prefix, p, int(gen))
-        pre = pre.encode()
-        for key in d.client.scan_iter(match=pre + b"*", count=1000):
-            out[key[len(pre):].decode()] = d.client.hgetall(key)
-    return out
-
-
-def read_log(d: Deployment):
-    """(entries, poison IDs) of the whole log: each partition read back with XRANGE."""
-    entries, poisoned = [], set()
-    for p in range(d.partitions):
-        for entry_id, fields in d.client.xrange(keys.stream(d.prefix, p)):
-            entry_id = entry_id.decode()
-            try:
-                ev = events.decode_entry(fields)
-            except events.PoisonEntry:
-                poisoned.add(entry_id)
-                continue
-            entries.append((int(entry_id.split("-")[0]), ev))
-    return entries, poisoned
-
-
-def expected_snapshots(d: Deployment) -> dict:
-    """The sequential Python fold of the log, as snapshot hashes (partitions are
-    independent: no JID spans two, so folding them one after another is the fold)."""
-    entries, _ = read_log(d)
-    return {jid: track_fields(t) for jid, t in projections.fold(entries, d.ttl_ms).items()}
-
-
-def wipe(d: Deployment) -> None:
-    """Delete every key of this deployment's prefix (and nothing else)."""
-    found = list(d.client.scan_iter(match="{" + d.prefix + ":*", count=1000))
-    found.append(keys.config(d.prefix))
-    for i in range(0, len(found), 500):
-        d.client.delete(*found[i:i + 500])
-
 
 def _open(kind: str, real_redis_url: str, prefix: str) -> Deployment:
-    s = Settings(redis_url=real_redis_url if kind == "real" else "redis://fakeredis",
-                 prefix=prefix, partitions=1, ttl=TTL)
-    if kind == "fake":
-        return Deployment.open(s, client=fakeredis.FakeRedis(), check_version=False)
-    return Deployment.open(s)
+    return open_deployment(kind, real_redis_url, prefix, partitions=1, ttl=TTL)
 
 
 def write_log(d: Deployment, log, base_ms: int) -> list[str]:
@@ -236,7 +174,6 @@ def python_side(d: Deployment):
 
 def lua_side(d: Deployment, batch: int):
     Projector(d, consumer="diff", batch=batch).drain()
-    from tracker import dlq
     # The dead letters as tracker.dlq reads them: raw, so original fields named
     # "id" or "reason" do not shadow the ones project.lua writes first.
     dead = {letter.original_id: letter for letter in dlq.list_dead(d, 0)}

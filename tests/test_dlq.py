@@ -7,6 +7,7 @@ cannot be trusted to run byte for byte.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -15,14 +16,16 @@ import textwrap
 import time
 
 import pytest
+from helpers import cleanup, missing, open_real
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import cleanup, open_real
 from tracker import dlq as dead
-from tracker import events, keys
-from tracker.config import Deployment, Settings
+from tracker import events
 from tracker.projector import Projector
+from tracker.store import keys
+from tracker.store.deployment import Deployment
+from tracker.store.settings import Settings
 
 
 @pytest.fixture
@@ -130,7 +133,8 @@ def test_projector_daemon_survives_a_poison_corpus(d1, real_redis_url):
 
 
 def test_atheris_decode_entry_raises_only_poison(tmp_path):
-    pytest.importorskip("atheris", reason="atheris did not install on this machine")
+    if importlib.util.find_spec("atheris") is None:
+        missing("atheris did not install on this machine")
     harness = tmp_path / "fuzz_decode.py"
     harness.write_text(textwrap.dedent("""
         import sys, atheris
@@ -169,8 +173,8 @@ def test_retry_reappends_fixed_entries_and_removes_them(d1):
     fixed = _dead_letter(d1, [(b"t", b"enqueued"), (b"j", b"J9"), (b"k", b"1")])
     still = _dead_letter(d1, [(b"t", b"bogus"), (b"j", b"J9")])
     res = dead.retry(d1)
-    assert [r[0] for r in res["retried"]] == [f"0/{fixed}"]
-    assert res["skipped"] == [(f"0/{still}", "type: unknown event type 'bogus'")]
+    assert [r[0] for r in res.retried] == [f"0/{fixed}"]
+    assert res.skipped == [(f"0/{still}", "type: unknown event type 'bogus'")]
     log = d1.client.xrange(keys.stream(d1.prefix, 0))
     assert [e[1] for e in log] == [{b"t": b"enqueued", b"j": b"J9", b"k": b"1"}]
     assert [dl.dlq_id for dl in dead.list_dead(d1)] == [still]
@@ -178,7 +182,7 @@ def test_retry_reappends_fixed_entries_and_removes_them(d1):
     assert d1.client.hget(keys.snapshot(d1.prefix, 0, "J9"), "s") == b"enqueued"
     # --force re-appends anyway; the projector refuses it again, with a fresh dead letter.
     res = dead.retry(d1, [still], force=True)
-    assert len(res["retried"]) == 1
+    assert len(res.retried) == 1
     Projector(d1, consumer="t").drain()
     (again,) = dead.list_dead(d1)
     assert again.dlq_id != still and again.reason == "type: unknown event type"
@@ -203,7 +207,7 @@ def test_list_filters_and_bad_arguments(real_redis_url, prefix):
             with pytest.raises(events.ValidationError, match="P/"):
                 dead.retry(d, [a])
         assert [x.ref for x in dead.list_dead(d, ids=[f"0/{a}"])] == [f"0/{a}"]
-        assert dead.retry(d, ["99-0"])["missing"] == ["99-0"]
+        assert dead.retry(d, ["99-0"]).missing == ["99-0"]
         with pytest.raises(events.ValidationError, match="partition"):
             dead.list_dead(d, partition=3)
         with pytest.raises(events.ValidationError, match="id"):
@@ -249,6 +253,6 @@ def test_two_retries_of_one_dead_letter_append_it_once(d1, monkeypatch):
     stale = dead.list_dead(d1)
     monkeypatch.setattr(dead, "list_dead", lambda *a, **k: list(stale))
     first, second = dead.retry(d1), dead.retry(d1)
-    assert len(first["retried"]) == 1 and second["retried"] == []
-    assert second["missing"] == [stale[0].ref]
+    assert len(first.retried) == 1 and second.retried == []
+    assert second.missing == [stale[0].ref]
     assert d1.client.xlen(keys.stream(d1.prefix, 0)) == 1

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tracker import embedded
+from tracker.store import embedded
 
 TRACKER = [sys.executable, "-c", "import sys; sys.argv[0] = 'tracker'; "
            "from tracker.cli import main; main()"]

@@ -20,17 +20,18 @@ import uuid
 
 import fakeredis
 import pytest
+from helpers import expected_snapshots, read_snapshots, wipe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import projections
 from projections.track import STATES
-from tracker import events, keys
-from tracker.config import Deployment, Settings
+from tracker import events, replay
 from tracker.projector import Projector
 from tracker.publisher import Publisher
-
-from test_differential import expected_snapshots, read_snapshots, wipe
+from tracker.store import keys
+from tracker.store.deployment import Deployment
+from tracker.store.settings import Settings
 
 JIDS = ["a", "b", "c", "d", "e"]
 DAY = 86_400_000
@@ -245,7 +246,7 @@ def random_event(rng: random.Random) -> events.AnyEvent:
         lambda: events.Enqueued(jid=j, track=rng.random() < 0.8),
         lambda: events.Working(jid=j, reserve_for=rng.choice([None, 60, 600])),
         lambda: events.TrackSet(jid=j, percent=rng.choice([None, rng.randint(0, 100)]),
-                                desc=rng.choice([None, "x", "step %d" % rng.randint(0, 9)]),
+                                desc=rng.choice([None, "x", f"step {rng.randint(0, 9)}"]),
                                 reserve_until=rng.choice([None, int(time.time() * 1000) + 7_000_000])),
         lambda: events.Success(jid=j), lambda: events.Failed(jid=j, errtype="E"),
         lambda: events.Dead(jid=j)])()
@@ -263,7 +264,7 @@ def test_concurrent_daemons_with_a_foreign_reader(real_redis_url):
         for t in threads:
             t.start()
         pub = Publisher(d)
-        for i in range(60):
+        for _i in range(60):
             evs = [random_event(rng) for _ in range(rng.randint(1, 8))]
             pub.publish_many(evs + evs[: rng.randint(0, 2)])
             foreign_read(d, rng.randrange(3), "foreign", rng.randint(1, 3))
@@ -332,7 +333,6 @@ def _lagging_projector(kind, url, grace: int, caplog=None) -> None:
             # folded: the projector says so, and a rebuild from the log repairs it.
             assert any("expiry grace" in r.getMessage() for r in caplog.records)
             assert not d.client.exists(keys.snapshot(d.prefix, 0, "lag"))
-            from tracker import replay
             replay.rebuild(d)
         assert_invariant(d)
         assert read_snapshots(d)["lag"][b"s"] == b"working"

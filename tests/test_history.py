@@ -8,13 +8,16 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from tracker import events, keys
+from tracker import events
+from tracker.answer import unknown
 from tracker.cli import cli
 from tracker.errors import ValidationError
-from tracker.history import history, id_ms, parse_when, track_at
+from tracker.history import history, track_at
 from tracker.projector import Projector
 from tracker.publisher import Publisher
-from tracker.query import Tracker, unknown
+from tracker.query import Tracker
+from tracker.store import keys
+from tracker.times import id_ms, parse_when
 
 
 def retried_job(pub, jid):

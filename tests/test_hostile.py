@@ -16,12 +16,13 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from helpers import cleanup
 
-from conftest import cleanup
-from tracker import keys
-from tracker.config import Deployment, Settings
 from tracker.errors import ValidationError
 from tracker.query import Tracker
+from tracker.store import keys
+from tracker.store.deployment import Deployment
+from tracker.store.settings import Settings
 
 NOW = dt.datetime.now(dt.timezone.utc)
 IN_2_DAYS = (NOW + dt.timedelta(days=2)).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from projections import track as fold_mod
-from tracker import events, keys, replay
+from tracker import events, replay
+from tracker.answer import answer_of as answer
 from tracker.cli import cli
 from tracker.errors import TrackerError
-from tracker.history import answer
-from tracker.scripts import registered as lua
 from tracker.projector import Projector
 from tracker.publisher import Publisher
 from tracker.query import Tracker
+from tracker.store import keys, scripts
 
 
 def fold_log(d):
@@ -49,8 +50,8 @@ def gen(d, part):
 
 
 def test_lua_key_rules_match_keys_py(deployment):
-    src = (replay.__file__.rsplit("/", 1)[0] + "/lua/snapshot.lua")
-    script = deployment.client.register_script(open(src).read() + """
+    snapshot_lua = (Path(scripts.__file__).parent / "lua" / "snapshot.lua").read_text()
+    script = deployment.client.register_script(snapshot_lua + """
 local meta, hist = Snap.keys(ARGV[1])
 return {meta, hist, Snap.prefix(ARGV[1], false), Snap.prefix(ARGV[1], '0'),
         Snap.prefix(ARGV[1], '7'), Snap.unpack_id(Snap.pack_id(ARGV[2]), 1)}""")
@@ -221,14 +222,13 @@ def test_live_rebuild_under_load_never_answers_wrong(real_deployment):
     want = [answer(j, fold_mod.visible(final[j], now), now) for j in jids]
     assert [g for g, w in zip(got, want) if g != w] == [w for g, w in zip(got, want) if g != w]
     assert replay.verify(d).ok
-    assert lua(d.client, "replay") is lua(d.client, "replay")
+    assert scripts.script("replay") is scripts.script("replay")
 
 
 def test_rebuild_refuses_when_retention_is_shorter_than_a_track_can_live(real_deployment):
     """A live track whose every event (and history index) was trimmed cannot be rebuilt:
     with a retention that short, replay refuses unless forced."""
     d = real_deployment
-    from tracker.errors import TrackerError
 
     pub = Publisher(d)
     pub.enqueued("long", custom={"track": 1})

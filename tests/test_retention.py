@@ -7,12 +7,13 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from tracker import keys, retention
+from tracker import retention
 from tracker.cli import cli
 from tracker.errors import ValidationError
 from tracker.history import history
 from tracker.projector import Projector
 from tracker.publisher import Publisher
+from tracker.store import keys
 
 
 def old_entries(d, n, hours_ago=3):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import re
 import shutil
 import signal
@@ -24,17 +23,23 @@ import time
 import uuid
 from pathlib import Path
 
+import faktory
 import pytest
 import redis.asyncio as aredis
+from faktory.exceptions import FaktoryAuthenticationError
+from helpers import cleanup, missing
+from pyfaktory import Client
+from pyfaktory.util.exceptions import FaktroyWorkProtocolError
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from tracker.config import Deployment, Settings
+from tracker.aio import AsyncTracker
 from tracker.projector import Projector
 from tracker.publisher import Publisher
-from tracker.server import Limits, Server, pwdhash
-
-from conftest import cleanup
+from tracker.query import Tracker
+from tracker.server.fwp import Limits, Server, pwdhash
+from tracker.store.deployment import Deployment
+from tracker.store.settings import Settings
 
 JS = Path(__file__).parent / "js"
 PASSWORD = "s3cret pass"  # a space, as real passwords have
@@ -121,7 +126,7 @@ class Raw:
             return True
         except (ConnectionResetError, BrokenPipeError):
             return True
-        except socket.timeout:
+        except TimeoutError:
             return False
 
     def close(self) -> None:
@@ -412,8 +417,6 @@ def test_cli_serve_logs_its_address_and_exits_cleanly_on_sigterm(real_redis_url,
 @pytest.mark.parametrize("password", [None, PASSWORD], ids=["open", "password"])
 @pytest.mark.parametrize("role", ["producer", "consumer"])
 def test_pyfaktory_round_trip(served, real_deployment, password, role):
-    from pyfaktory import Client
-    from pyfaktory.util.exceptions import FaktroyWorkProtocolError
 
     port = served(password).port
     auth = f":{password}@" if password else ""
@@ -449,8 +452,6 @@ def test_pyfaktory_round_trip(served, real_deployment, password, role):
 
 @pytest.mark.parametrize("password", [None, PASSWORD], ids=["open", "password"])
 def test_pypi_faktory_round_trip(served, real_deployment, password):
-    import faktory
-    from faktory.exceptions import FaktoryAuthenticationError
 
     port = served(password).port
     auth = f":{password}@" if password else ""
@@ -493,9 +494,7 @@ def _node_ready() -> str | None:
 def node():
     why = _node_ready()
     if why:
-        if os.environ.get("TRACKER_REQUIRE_NODE") == "1":
-            pytest.fail(f"TRACKER_REQUIRE_NODE=1 but the Node client cannot run: {why}")
-        pytest.skip(f"Node client faktory-worker not available: {why}")
+        missing(f"Node client faktory-worker not available: {why}")
     return shutil.which("node")
 
 
@@ -658,7 +657,7 @@ def test_hostile_slow_drip_hello_hits_the_handshake_timeout(hostile_servers):
         try:
             reply = c.line()
             break
-        except socket.timeout:
+        except TimeoutError:
             pass
     c.sock.settimeout(5)
     reply = reply or c.line()
@@ -712,7 +711,7 @@ def test_hostile_reset_and_unread_replies(hostile_servers):
     c.sock.settimeout(2)
     try:
         c.send(b"TRACK GET unread-reply\r\n" * 20_000)
-    except (socket.timeout, OSError):
+    except (TimeoutError, OSError):
         pass  # the server stopped reading: backpressure
     _still_fine(servers, bystanders, "open")
     c.close()
@@ -732,7 +731,7 @@ def test_hostile_many_idle_connections(hostile_servers):
     port = servers["open"].port
     idle = []
     try:
-        for i in range(2000):
+        for _i in range(2000):
             idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
         assert idle[-1].recv(100).startswith(b"+HI ")
         _still_fine(servers, bystanders, "open")
@@ -745,8 +744,6 @@ def test_hostile_many_idle_connections(hostile_servers):
 
 # ------------------------------------------------ the async twin of query.py
 def test_async_tracker_answers_exactly_as_the_sync_tracker(real_deployment):
-    from tracker.aio import AsyncTracker
-    from tracker.query import Tracker
 
     d = real_deployment
     sync = Tracker(d)

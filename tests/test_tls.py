@@ -14,6 +14,7 @@ import subprocess
 import time
 
 import pytest
+from helpers import missing
 
 
 def _free_port() -> int:
@@ -31,7 +32,7 @@ def tls_server(tmp_path_factory):
     tls = [b for b in found if b"libssl" in subprocess.run(["ldd", b], capture_output=True).stdout
            or b"tls" in subprocess.run([b, "--help"], capture_output=True).stdout.lower()]
     if not found or not openssl:
-        pytest.skip("redis-server or openssl not installed")
+        missing("redis-server or openssl not installed")
     binary = (tls or found)[0]
     d = tmp_path_factory.mktemp("tls")
     run = lambda *a: subprocess.run(a, cwd=d, check=True, capture_output=True)  # noqa: E731
@@ -54,7 +55,7 @@ def tls_server(tmp_path_factory):
         if proc.poll() is not None:
             out = proc.stdout.read().decode()
             if "tls" in out.lower() and ("not supported" in out.lower() or "Bad directive" in out):
-                pytest.skip(f"this redis-server has no TLS support: {out.strip()[:200]}")
+                missing(f"this redis-server has no TLS support: {out.strip()[:200]}")
             raise RuntimeError(out)
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()

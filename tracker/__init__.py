@@ -5,6 +5,8 @@ server's side; ``Projector`` folds the log. Imports are lazy so that
 ``tracker.events`` (used by the pure folds) pulls in no Redis client.
 """
 
+import importlib
+
 from tracker.errors import ConfigError, RedisUnavailable, TrackerError, ValidationError
 
 __all__ = ["Tracker", "Publisher", "Projector", "Deployment", "Settings", "TrackerError",
@@ -12,13 +14,11 @@ __all__ = ["Tracker", "Publisher", "Projector", "Deployment", "Settings", "Track
 __version__ = "0.1.0"
 
 _LAZY = {"Tracker": "tracker.query", "Publisher": "tracker.publisher",
-         "Projector": "tracker.projector", "Deployment": "tracker.config",
-         "Settings": "tracker.config"}
+         "Projector": "tracker.projector", "Deployment": "tracker.store.deployment",
+         "Settings": "tracker.store.settings"}
 
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'tracker' has no attribute {name!r}")

@@ -17,45 +17,25 @@ from __future__ import annotations
 import asyncio
 from typing import Optional
 
-import redis
 import redis.asyncio as aredis
-from redis.asyncio.retry import Retry
-from redis.exceptions import NoScriptError
 
-from tracker import embedded, events, keys
-from tracker.config import Deployment, Settings, bad_url, connection_options, unavailable
-from tracker.query import get_call, plan, track_answer
-from tracker.scripts import source
+from tracker import answer, events
+from tracker.query import get_call, plan
+from tracker.store import keys, scripts
+from tracker.store.boundary import check, redis_errors
+from tracker.store.connection import create_async_client
+from tracker.store.deployment import Deployment
+from tracker.store.settings import Settings
 
 # Batches of GETs in flight at once. While they are out, new GETs queue and go
 # together: bigger batches, fewer round trips, less CPU per request under load.
 MAX_INFLIGHT = 2
 
 
-def async_client_for(settings: Settings, max_connections: int = 32,
-                     socket_timeout: Optional[float] = 10.0) -> aredis.Redis:
-    """The redis.asyncio twin of ``config.client_for``: same URL rules, same embedded
-    socket, same retry policy. The pool blocks when full (commands wait for a
-    connection) instead of failing, so a burst of clients cannot exhaust it."""
-    common = dict(connection_options(socket_timeout, Retry), max_connections=max_connections,
-                  timeout=socket_timeout)
-    if settings.redis_url:
-        try:
-            pool = aredis.BlockingConnectionPool.from_url(settings.redis_url, **common)
-        except ValueError as e:
-            raise bad_url(settings, e) from None
-    else:
-        sock = embedded.ensure(settings.data_dir)
-        pool = aredis.BlockingConnectionPool(connection_class=aredis.UnixDomainSocketConnection,
-                                             path=str(sock), **common)
-    return aredis.Redis.from_pool(pool)
-
-
 class AsyncTracker:
     """TRACK GET / TRACK SET for one deployment, on an asyncio Redis client.
 
-    Build it with ``await AsyncTracker.open(settings)``; it duck-types the parts of
-    ``Deployment`` that ``query.plan`` needs (``partition``).
+    Build it with ``await AsyncTracker.open(settings)``.
     """
 
     def __init__(self, client: aredis.Redis, settings: Settings, partitions: int):
@@ -63,30 +43,27 @@ class AsyncTracker:
         self.settings = settings
         self.prefix = settings.prefix
         self.partitions = partitions
-        self._get_src = source("get")
-        self._sha: Optional[str] = None
         self._waiting: dict[int, list[tuple[str, asyncio.Future]]] = {}
         self._scheduled = False
         self._inflight = 0
 
     @classmethod
     async def open(cls, settings: Settings, partitions: Optional[int] = None,
-                   max_connections: int = 32) -> "AsyncTracker":
+                   max_connections: int = 32) -> AsyncTracker:
         """Connect; the partition count comes from Redis via the sync ``Deployment.open``
         (same version check, same agreement rule) unless the caller already knows it."""
         if partitions is None:
             d = await asyncio.to_thread(Deployment.open, settings)
             partitions = d.partitions
             d.close()
-        t = cls(async_client_for(settings, max_connections), settings, partitions)
+        t = cls(create_async_client(settings, max_connections), settings, partitions)
         await t.load_scripts()
         return t
 
     async def load_scripts(self) -> None:
-        try:
-            self._sha = await self.client.script_load(self._get_src)
-        except redis.RedisError as e:
-            raise unavailable(self.settings, e) from e
+        """Load get.lua now, so a Redis problem shows at start rather than on first use."""
+        with redis_errors(self.settings):
+            await self.client.script_load(scripts.source("get"))
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -104,7 +81,7 @@ class AsyncTracker:
 
         The server's hot path uses this, so a request costs no task of its own.
         """
-        (part, _), = plan(self, [jid]).items()
+        (part, _), = plan(self.partitions, [jid]).items()
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._waiting.setdefault(part, []).append((jid, fut))
@@ -128,13 +105,16 @@ class AsyncTracker:
 
     async def _fetch(self, batch: dict[int, list[tuple[str, asyncio.Future]]]) -> None:
         try:
-            replies = await self._call(batch)
+            calls = [get_call(self.prefix, part, [jid for jid, _ in group])
+                     for part, group in batch.items()]
+            with redis_errors(self.settings):
+                replies = [check(self.settings, r)
+                           for r in await scripts.arun(self.client, "get", calls)]
         except BaseException as e:  # every waiter hears about it, nothing hangs
-            err = unavailable(self.settings, e) if isinstance(e, redis.RedisError) else e
             for group in batch.values():
                 for _jid, fut in group:
                     if not fut.done():
-                        fut.set_exception(err)
+                        fut.set_exception(e)
             if not isinstance(e, Exception):
                 raise
         else:
@@ -142,40 +122,17 @@ class AsyncTracker:
                 now = int(reply[0])
                 for (jid, fut), row in zip(group, reply[1:]):
                     if not fut.done():
-                        fut.set_result(track_answer(jid, row, now))
+                        fut.set_result(answer.track_answer(jid, row, now))
         finally:
             self._inflight -= 1
             if self._waiting:
                 self._flush()  # what queued up meanwhile goes now, as one batch
 
-    def _args(self, part: int, group: list) -> list:
-        """EVALSHA get.lua with the keys and args ``Tracker._rows`` passes."""
-        k, a = get_call(self.prefix, part, [jid for jid, _ in group])
-        return [self._sha, len(k), *k, *a]
-
-    async def _call(self, batch: dict) -> list:
-        for attempt in (0, 1):
-            try:
-                if len(batch) == 1:
-                    (part, group), = batch.items()
-                    return [await self.client.evalsha(*self._args(part, group))]
-                pipe = self.client.pipeline(transaction=False)
-                for part, group in batch.items():
-                    pipe.evalsha(*self._args(part, group))
-                return await pipe.execute()
-            except NoScriptError:  # Redis restarted or SCRIPT FLUSH: load once more
-                if attempt:
-                    raise
-                self._sha = await self.client.script_load(self._get_src)
-        raise AssertionError("unreachable")
-
     # ------------------------------------------------------------------ SET
     async def set_json(self, payload: bytes | str) -> str:
         """TRACK SET with Faktory's JSON payload: validate, append; returns the entry ID."""
         ev = events.decode_trackset_json(payload)
-        try:
+        with redis_errors(self.settings):
             entry = await self.client.xadd(keys.stream(self.prefix, self.partition(ev.jid)),
                                            events.encode_entry(ev))
-        except redis.RedisError as e:
-            raise unavailable(self.settings, e) from e
         return entry.decode()

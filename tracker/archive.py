@@ -12,35 +12,28 @@ from __future__ import annotations
 import base64
 import heapq
 import json
-from typing import IO, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import IO, Any, NamedTuple, Optional
 
-import redis
-
-from tracker import keys
-from tracker.config import Deployment, unavailable
 from tracker.errors import TrackerError, ValidationError
-from tracker.history import format_ms, history, id_ms
+from tracker.history import history
+from tracker.store import keys, streams
+from tracker.store.deployment import Deployment
+from tracker.times import format_ms, id_key, id_ms
 
 Progress = Optional[Callable[[int], None]]
-CHUNK = 5000
 MAX_SEQ = 18446744073709551615
 
 
-def _sort_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq)
+class Imported(NamedTuple):
+    imported: int  # entries appended
+    renumbered: int  # of those, given the next free ID (out of order in their new partition)
 
 
 def _partition_entries(d: Deployment, part: int, lo: str, hi: str) -> Iterator[tuple]:
-    stream = keys.stream(d.prefix, part)
-    while True:
-        got = d.client.xrange(stream, lo, hi, count=CHUNK)
-        for eid, fields in got:
-            eid = eid.decode()
-            yield _sort_key(eid), eid, part, fields
-        if len(got) < CHUNK:
-            return
-        lo = "(" + got[-1][0].decode()
+    for eid, fields in streams.entries(d.client, keys.stream(d.prefix, part), lo, hi):
+        eid = eid.decode()
+        yield id_key(eid), eid, part, fields
 
 
 def _line(eid: str, part: int, fields: dict) -> str:
@@ -60,7 +53,7 @@ def export(d: Deployment, out: IO[str], since_ms: Optional[int] = None,
     lo = "-" if since_ms is None else f"{since_ms}-0"
     hi = "+" if until_ms is None else f"{until_ms}-{MAX_SEQ}"
     n = 0
-    try:
+    with d.errors():
         if jid is not None:  # one job: its history index, not a scan
             part = d.partition(jid)
             rows = [(e.id, part, _raw(d, part, e.id)) for e in history(d, jid).entries
@@ -74,8 +67,6 @@ def export(d: Deployment, out: IO[str], since_ms: Optional[int] = None,
             n += 1
             if progress and n % 1000 == 0:
                 progress(1000)
-    except redis.RedisError as e:
-        raise unavailable(d.settings, e) from e
     if progress and n % 1000:
         progress(n % 1000)
     return n
@@ -87,10 +78,11 @@ def _raw(d: Deployment, part: int, eid: str) -> Optional[dict]:
 
 
 def _parse(line: str, lineno: int) -> tuple[str, int, dict]:
+    fields: dict[Any, Any]
     try:
         rec = json.loads(line)
         eid = rec["id"]
-        _sort_key(eid)
+        id_key(eid)
         if "fields" in rec:
             fields = {str(k): str(v) for k, v in rec["fields"].items()}
         else:
@@ -100,7 +92,7 @@ def _parse(line: str, lineno: int) -> tuple[str, int, dict]:
         raise ValidationError("file", f"line {lineno}: not an exported entry ({e})") from None
 
 
-def import_(d: Deployment, lines: IO[str], progress: Progress = None) -> dict:
+def import_(d: Deployment, lines: IO[str], progress: Progress = None) -> Imported:
     """Append an export into an empty deployment, with the original IDs.
 
     An entry goes to the partition of its JID in this deployment (it may have a
@@ -108,7 +100,7 @@ def import_(d: Deployment, lines: IO[str], progress: Progress = None) -> dict:
     out of order (only possible with a different partition count) the later gets
     the next free ID and is counted as renumbered.
     """
-    try:
+    with d.errors():
         pipe = d.client.pipeline(transaction=False)
         for p in range(d.partitions):
             pipe.exists(keys.stream(d.prefix, p))
@@ -125,7 +117,7 @@ def import_(d: Deployment, lines: IO[str], progress: Progress = None) -> dict:
             j = fields.get("j", fields.get(b"j"))
             jid = j.decode("utf-8", "replace") if isinstance(j, bytes) else j
             part = d.partition(jid) if jid else part % d.partitions
-            key = _sort_key(eid)
+            key = id_key(eid)
             if part in last and key <= last[part]:
                 key = (last[part][0], last[part][1] + 1)
                 eid = f"{key[0]}-{key[1]}"
@@ -140,6 +132,4 @@ def import_(d: Deployment, lines: IO[str], progress: Progress = None) -> dict:
         pipe.execute()
         if progress and n % 1000:
             progress(n % 1000)
-    except redis.RedisError as e:
-        raise unavailable(d.settings, e) from e
-    return {"imported": n, "renumbered": renumbered}
+    return Imported(n, renumbered)

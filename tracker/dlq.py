@@ -13,16 +13,16 @@ slot, so an entry is never in both places or in neither.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Optional
 
 import redis
 
-from tracker import events, keys
-from tracker.config import Deployment, unavailable
+from tracker import events
 from tracker.errors import ValidationError
-from tracker.replay import partitions
-from tracker.scripts import registered
+from tracker.store import keys, scripts, streams
+from tracker.store.deployment import Deployment
 
 
 @dataclass
@@ -39,8 +39,8 @@ class DeadLetter:
         return f"{self.partition}/{self.dlq_id}"
 
     def as_dict(self) -> dict:
-        return {"partition": self.partition, "id": self.dlq_id, "ref": self.ref, "original_id": self.original_id,
-                "reason": self.reason,
+        return {"partition": self.partition, "id": self.dlq_id, "ref": self.ref,
+                "original_id": self.original_id, "reason": self.reason,
                 "fields": [[_show(k), _show(v)] for k, v in self.fields]}
 
     def still_poison(self) -> Optional[str]:
@@ -93,35 +93,36 @@ def list_dead(d: Deployment, partition: Optional[int] = None, ids: Iterable[str]
     wanted = [_split(r, d) for r in ids]
     raw = _raw(d.client)
     out: list[DeadLetter] = []
-    try:
-        for p in partitions(d, partition):
+    with d.errors():
+        for p in d.partition_list(partition):
             key = keys.dlq(d.prefix, p)
             if wanted:
                 for i in sorted({i for part, i in wanted if part in (None, p)}):
                     out.extend(_parse(p, e) for e in raw.xrange(key, i, i))
                 continue
-            start = "-"
-            while True:  # page through, so a huge DLQ is not one reply
-                page = raw.xrange(key, start, "+", count=1000)
+            left = None if limit is None else limit - len(out)
+            for page in streams.pages(raw, key, count=1000, limit=left):
                 out.extend(_parse(p, e) for e in page)
-                if limit is not None and len(out) >= limit:
-                    return out[:limit]
-                if len(page) < 1000:
-                    break
-                start = "(" + page[-1][0].decode()
-    except redis.RedisError as e:
-        raise unavailable(d.settings, e) from e
+            if limit is not None and len(out) >= limit:
+                return out[:limit]
     return out
 
 
+@dataclass
+class Retried:
+    """What ``retry`` did, per dead letter (referred to as P/ID)."""
+
+    retried: list[tuple[str, str]] = field(default_factory=list)  # (P/ID, new log entry ID)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (P/ID, why still refused)
+    missing: list[str] = field(default_factory=list)  # IDs not found (or moved by another retry)
+
+
 def retry(d: Deployment, ids: Iterable[str] = (), partition: Optional[int] = None,
-          force: bool = False) -> dict:
+          force: bool = False) -> Retried:
     """Re-append dead letters to their partition's log and delete them from the DLQ.
 
     With no ``ids``, all of them. An entry that would still be refused stays in the
     DLQ (listed under ``skipped`` with today's reason) unless ``force``.
-    Returns {"retried": [(P/ID, new log id)], "skipped": [(P/ID, reason)],
-    "missing": [ids not found]}.
     """
     ids = list(ids)
     letters = list_dead(d, partition, ids)
@@ -132,48 +133,43 @@ def retry(d: Deployment, ids: Iterable[str] = (), partition: Optional[int] = Non
             raise ValidationError("id", f"{i} is a dead letter in partitions "
                                         f"{', '.join(map(str, where))}: say which, as P/{i}")
     found = {dl.dlq_id for dl in letters} | {dl.ref for dl in letters}
-    result = {"retried": [], "skipped": [], "missing": [i for i in ids if i not in found]}
-    try:
+    result = Retried(missing=[i for i in ids if i not in found])
+    with d.errors():
         for dl in letters:
             reason = None if force else dl.still_poison()
             if reason is not None:
-                result["skipped"].append((dl.ref, reason))
+                result.skipped.append((dl.ref, reason))
                 continue
             # A repeated field collapses to its last value: what both decoders read.
             flat = [x for pair in dict(dl.fields).items() for x in pair]
-            new_id = registered(d.client, "dlq_retry")(
-                keys=[keys.stream(d.prefix, dl.partition), keys.dlq(d.prefix, dl.partition)],
-                args=[dl.dlq_id, *flat])
+            new_id = scripts.call(
+                d.client, "dlq_retry",
+                [keys.stream(d.prefix, dl.partition), keys.dlq(d.prefix, dl.partition)],
+                [dl.dlq_id, *flat])
             if new_id is None:  # another retry moved it first
-                result["missing"].append(dl.ref)
+                result.missing.append(dl.ref)
                 continue
-            result["retried"].append((dl.ref, new_id.decode()))
-    except redis.RedisError as e:
-        raise unavailable(d.settings, e) from e
+            result.retried.append((dl.ref, new_id.decode()))
     return result
 
 
 def purge(d: Deployment, partition: Optional[int] = None) -> int:
     """Delete the dead-letter streams; returns how many dead letters were dropped."""
     dropped = 0
-    try:
-        for p in partitions(d, partition):
+    with d.errors():
+        for p in d.partition_list(partition):
             key = keys.dlq(d.prefix, p)
             pipe = d.client.pipeline(transaction=True)
             pipe.xlen(key)
             pipe.delete(key)
             n, _ = pipe.execute()
             dropped += n
-    except redis.RedisError as e:
-        raise unavailable(d.settings, e) from e
     return dropped
 
 
 def count(d: Deployment) -> int:
-    try:
+    with d.errors():
         pipe = d.client.pipeline(transaction=False)
         for p in range(d.partitions):
             pipe.xlen(keys.dlq(d.prefix, p))
         return sum(pipe.execute())
-    except redis.RedisError as e:
-        raise unavailable(d.settings, e) from e

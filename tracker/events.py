@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from functools import lru_cache
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Optional, Union, get_args
 
 import msgspec
 
@@ -53,7 +53,7 @@ class Event(msgspec.Struct, tag_field="t", tag=str.lower, forbid_unknown_fields=
     jid: Jid = msgspec.field(name="j")
 
 
-class Enqueued(Event):
+class Enqueued(Event, frozen=True):
     track: bool = msgspec.field(default=False, name="k")
     queue: Optional[str] = msgspec.field(default=None, name="q")
     jobtype: Optional[str] = msgspec.field(default=None, name="y")
@@ -64,11 +64,11 @@ class Enqueued(Event):
         _check_bytes("jobtype", self.jobtype, MAX_NAME)
 
 
-class Working(Event):
+class Working(Event, frozen=True):
     reserve_for: Optional[Count] = msgspec.field(default=None, name="r")
 
 
-class TrackSet(Event):
+class TrackSet(Event, frozen=True):
     percent: Optional[Percent] = msgspec.field(default=None, name="p")
     desc: Optional[str] = msgspec.field(default=None, name="d")
     reserve_until: Optional[Count] = msgspec.field(default=None, name="u")  # epoch ms
@@ -77,7 +77,7 @@ class TrackSet(Event):
         _check_bytes("desc", self.desc, MAX_DESC)
 
 
-class _Failure(Event):
+class _Failure(Event, frozen=True):
     errtype: Optional[str] = msgspec.field(default=None, name="e")
     message: Optional[str] = msgspec.field(default=None, name="m")
 
@@ -86,20 +86,20 @@ class _Failure(Event):
         _check_bytes("message", self.message, MAX_MESSAGE)
 
 
-class Success(Event):
+class Success(Event, frozen=True):
     pass
 
 
-class Failed(_Failure):
+class Failed(_Failure, frozen=True):
     pass
 
 
-class Dead(_Failure):
+class Dead(_Failure, frozen=True):
     pass
 
 
 AnyEvent = Union[Enqueued, Working, TrackSet, Success, Failed, Dead]
-EVENT_TYPES: dict[str, type] = {c.__struct_config__.tag: c for c in AnyEvent.__args__}
+EVENT_TYPES: dict[str, type] = {c.__struct_config__.tag: c for c in get_args(AnyEvent)}
 # Stream field letter -> long name, for error messages and `tracker history`.
 FIELD_NAMES = {"t": "type", "j": "jid", "k": "track", "q": "queue", "y": "jobtype",
                "r": "reserve_for", "p": "percent", "d": "desc", "u": "reserve_until",
@@ -129,7 +129,8 @@ def split_error(err: msgspec.ValidationError, names: dict[str, str]) -> tuple[st
     if m:
         return names.get(m.group(1), m.group(1)), "required"
     if ": " in text and text.split(": ", 1)[0] in names.values():
-        return tuple(text.split(": ", 1))  # from __post_init__
+        field, problem = text.split(": ", 1)  # from __post_init__
+        return field, problem
     return "event", text
 
 

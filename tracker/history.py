@@ -2,7 +2,7 @@
 
 The projector appends each entry that met or made a track to the job's history
 index (``{p}:h:<jid>``, 10 bytes per entry, in the same atomic step as the fold;
-see ``tracker/lua/snapshot.lua``), so a job's history costs one script call and
+see ``tracker/store/lua/snapshot.lua``), so a job's history costs one script call and
 one XRANGE per event of that job, however long the log. The index expires
 retention after the job's newest entry: history outlives the track itself.
 ``--at`` folds those entries with ``projections.track``, the one fold.
@@ -10,18 +10,18 @@ retention after the job's newest entry: history outlives the track itself.
 
 from __future__ import annotations
 
-import datetime as dt
-import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import msgspec
-import redis
 
 from projections import track as fold_mod
-from tracker import events, keys, query, scripts
-from tracker.config import Deployment, unavailable
-from tracker.errors import TrackerError, ValidationError
+from tracker import answer, events
+from tracker.errors import TrackerError
+from tracker.store import keys, scripts
+from tracker.store.deployment import Deployment
+from tracker.times import format_ms, id_ms, parse_when
+
 
 def unpack_ids(blob: bytes) -> list[str]:
     """History index bytes -> entry IDs (6 bytes ms + 4 bytes seq, big-endian)."""
@@ -29,47 +29,16 @@ def unpack_ids(blob: bytes) -> list[str]:
             for i in range(0, len(blob) - 9, 10)]
 
 
-def id_ms(entry_id: Any) -> int:
-    if isinstance(entry_id, bytes):
-        entry_id = entry_id.decode()
-    return int(entry_id.split("-", 1)[0])
-
-
-def format_ms(ms: int) -> str:
-    """RFC 3339 UTC with milliseconds (events one second apart must stay apart)."""
-    when = dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc)
-    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
-
-
-_REL = re.compile(r"([+-])(\d+)(ms|s|m|h|d|w)")
-_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
-
-
-def parse_when(text: str, now_ms: int, field: str = "at") -> int:
-    """RFC 3339, 'now', or relative to now like -10m, -2h, +30s, -1d -> epoch ms."""
-    text = (text or "").strip()
-    if text == "now":
-        return now_ms
-    m = _REL.fullmatch(text)
-    if m:
-        delta = int(m.group(2)) * _UNIT_MS[m.group(3)]
-        return now_ms - delta if m.group(1) == "-" else now_ms + delta
-    if re.fullmatch(r"\d{13}", text):  # epoch ms, as `tracker history --json` prints in "ms"
-        return int(text)
-    try:
-        return events.parse_time(text, field)
-    except ValidationError:
-        raise ValidationError(field, f"expected RFC 3339 (2020-08-01T11:43:20Z), 'now' or a "
-                                     f"relative time like -10m, got {text!r}") from None
-
-
 def redis_now_ms(d: Deployment) -> int:
     """Redis's clock: the one that stamped the entries."""
-    try:
+    with d.errors():
         sec, usec = d.client.time()
-    except redis.RedisError as e:
-        raise unavailable(d.settings, e) from e
     return int(sec) * 1000 + int(usec) // 1000
+
+
+def parse_at(d: Deployment, text: str, field: str = "at") -> int:
+    """A time given on the command line (RFC 3339, 'now', '-10m') against Redis's clock."""
+    return parse_when(text, redis_now_ms(d), field)
 
 
 @dataclass
@@ -118,11 +87,9 @@ def history(d: Deployment, jid: str) -> History:
     """The job's events in log order, from its index: one round trip."""
     events.check_jid(jid)
     part = d.partition(jid)
-    try:
-        reply = scripts.registered(d.client, "history")(keys=[keys.stream(d.prefix, part),
-                                               keys.history(d.prefix, part, jid)])
-    except redis.RedisError as e:
-        raise unavailable(d.settings, e) from e
+    with d.errors():
+        reply = scripts.call(d.client, "history", [keys.stream(d.prefix, part),
+                                                   keys.history(d.prefix, part, jid)])
     entries = []
     for item in reply[2:]:
         eid, flat = item[0], item[1]
@@ -140,16 +107,6 @@ def fold_history(h: History, at_ms: int, ttl_ms: int) -> Optional[fold_mod.Track
     return fold_mod.visible(fold_mod.fold(pairs, ttl_ms).get(h.jid), at_ms)
 
 
-def answer(jid: str, track: Optional[fold_mod.Track], at_ms: int) -> dict:
-    """TRACK GET's object for a folded track, exactly as ``query.track_answer`` writes it."""
-    if track is None:
-        return query.unknown(jid)
-    row = [track.state.encode(), None if track.percent is None else str(track.percent).encode(),
-           None if track.desc is None else track.desc.encode(), str(track.updated_at).encode(),
-           str(track.reserved_until).encode(), str(track.expires_at).encode()]
-    return query.track_answer(jid, row, at_ms)
-
-
 def track_at(d: Deployment, jid: str, at_ms: int) -> dict:
     """``tracker get JID --at TIME``."""
-    return answer(jid, fold_history(history(d, jid), at_ms, d.ttl_ms), at_ms)
+    return answer.answer_of(jid, fold_history(history(d, jid), at_ms, d.ttl_ms), at_ms)

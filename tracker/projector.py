@@ -14,20 +14,38 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import redis
 
-from tracker import keys
-from tracker.config import Deployment, unavailable
-from tracker.scripts import LIMITS, Scripts, call_many
+from tracker.retention import Keeper
+from tracker.store import keys, scripts
+from tracker.store.deployment import Deployment
+from tracker.store.scripts import LIMITS
 
 log = logging.getLogger("tracker.projector")
 
 
 def default_consumer() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Step(NamedTuple):
+    """What one call of project.lua did to one partition."""
+
+    entries: int  # folded, dead letters included
+    poisoned: int  # of those, moved to the dead-letter stream
+    last_id: str  # the batch's last entry, or with an empty batch the stream's newest
+    claimed: int  # pending entries of another reader taken over
+    waiting: bool  # another reader's pending entries are not idle long enough yet
+
+    @classmethod
+    def of(cls, reply: list) -> Step:
+        n, poisoned, last, claimed, waiting = reply
+        last = last.decode() if isinstance(last, bytes) else str(last)
+        return cls(int(n), int(poisoned), last, int(claimed), bool(waiting))
 
 
 @dataclass
@@ -75,26 +93,24 @@ class Projector:
             if "BUSYGROUP" not in str(e):
                 raise
 
-    def step(self, part: int, scripts: Optional[Scripts] = None, client=None) -> tuple:
-        """Fold one batch of one partition: (entries, poisoned, last_id, claimed, waiting)."""
+    def step(self, part: int, client: Any = None) -> Step:
+        """Fold one batch of one partition."""
+        client = client or self.d.client
         k, a = self._args(part)
-        script = (scripts or self.d.scripts).project
         try:
-            n, poisoned, last, claimed, waiting = script(keys=k, args=a, client=client)
+            step = Step.of(scripts.call(client, "project", k, a))
         except redis.ResponseError as e:
             if "NOGROUP" not in str(e):
                 raise
             self.ensure_group(part, client)
-            n, poisoned, last, claimed, waiting = script(keys=k, args=a, client=client)
-        self._account(part, n, poisoned, claimed)
-        if n:
-            self._check_lag(part, last)
-        return n, poisoned, last, claimed, waiting
+            step = Step.of(scripts.call(client, "project", k, a))
+        self._account(part, step)
+        return step
 
-    def _check_lag(self, part: int, last) -> None:
+    def _check_lag(self, part: int, last: str) -> None:
         """Warn when folding entries older than the expiry grace (see project.lua):
         a snapshot key may have expired physically before a late event reached it."""
-        at = int((last.decode() if isinstance(last, bytes) else last).split("-")[0])
+        at = int(last.split("-")[0])
         behind = time.time() * 1000 - at
         if behind > self.d.grace_ms and part not in self._warned_lag:
             self._warned_lag.add(part)
@@ -103,10 +119,12 @@ class Projector:
                         "`tracker replay` once caught up", part, behind / 1000,
                         self.d.grace_ms // 1000)
 
-    def _account(self, part: int, n: int, poisoned: int, claimed: int) -> None:
+    def _account(self, part: int, step: Step) -> None:
+        n, poisoned, claimed = step.entries, step.poisoned, step.claimed
         if n:
             self.totals.add(n, poisoned, claimed)
             log.debug("partition %d: folded %d entries (%d dead-lettered)", part, n, poisoned)
+            self._check_lag(part, step.last_id)
         if poisoned:
             log.warning("partition %d: %d poison entries moved to %s", part, poisoned,
                         keys.dlq(self.d.prefix, part))
@@ -114,42 +132,37 @@ class Projector:
             log.info("partition %d: claimed %d pending entries of another reader", part, claimed)
 
     # -- drain once -----------------------------------------------------------
-    def drain(self, progress=None) -> int:
+    def drain(self, progress: Optional[Callable[[int], None]] = None) -> int:
         """Fold everything in the log now, then return (``tracker project --once``)."""
         busy = set(range(self.d.partitions))
         start = self.totals.folded + self.totals.dead_lettered
-        try:
+        with self.d.errors():
             for part in range(self.d.partitions):
                 self.ensure_group(part)
             while busy and not self.stopping.is_set():
                 order = sorted(busy)
-                replies = call_many(self.d.client, self.d.scripts.project,
-                                    [self._args(p) for p in order])
+                replies = scripts.run(self.d.client, "project", [self._args(p) for p in order])
                 for part, reply in zip(order, replies):
                     if isinstance(reply, Exception):
                         if "NOGROUP" in str(reply):
                             self.ensure_group(part)
                             continue
                         raise reply
-                    n, poisoned, last, claimed, waiting = reply
-                    self._account(part, n, poisoned, claimed)
-                    if n:
-                        self._check_lag(part, last)
-                    if progress and n:
-                        progress(n)
-                    if n == 0 and not waiting:
+                    step = Step.of(reply)
+                    self._account(part, step)
+                    if progress and step.entries:
+                        progress(step.entries)
+                    if step.entries == 0 and not step.waiting:
                         busy.discard(part)
-                    elif waiting:
+                    elif step.waiting:
                         time.sleep(0.05)
-        except redis.RedisError as e:
-            raise unavailable(self.d.settings, e) from e
         return self.totals.folded + self.totals.dead_lettered - start
 
     # -- the daemon -----------------------------------------------------------
     def _worker(self, part: int) -> None:
         """Loop for one partition. The client's pool gives each thread its own
         connection per command, so a blocking XREAD here holds up no one else."""
-        client, scripts = self.d.client, self.d.scripts
+        client = self.d.client
         stream = keys.stream(self.d.prefix, part)
         backoff = 0.05
         grouped = False
@@ -158,20 +171,20 @@ class Projector:
                 if not grouped:  # here, inside the retry loop: Redis may be away at start
                     self.ensure_group(part, client)
                     grouped = True
-                n, _p, last, claimed, waiting = self.step(part, scripts, client)
+                step = self.step(part, client)
                 backoff = 0.05
-                if n >= self.batch or claimed:
+                if step.entries >= self.batch or step.claimed:
                     continue  # more may be waiting: fold again at once
-                if n:
+                if step.entries:
                     # A short batch took all there was: block from its last entry
                     # rather than pay one more (empty) script call first.
-                    client.xread({stream: last}, count=1, block=self.block_ms)
+                    client.xread({stream: step.last_id}, count=1, block=self.block_ms)
                     continue
-                if waiting:
+                if step.waiting:
                     self.stopping.wait(0.1)
                     continue
                 # Nothing new: sleep until an entry newer than the newest the script saw.
-                client.xread({stream: last}, count=1, block=self.block_ms)
+                client.xread({stream: step.last_id}, count=1, block=self.block_ms)
                 backoff = 0.05
             except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as e:
                 log.warning("partition %d: Redis unavailable (%s); retrying in %.1fs",
@@ -196,8 +209,6 @@ class Projector:
         for t in threads:
             t.start()
         last_t, last_n = time.monotonic(), 0
-        from tracker.retention import Keeper
-
         keeper = Keeper(self.d)  # periodic trim by age (tracker/retention.py)
         while not self.stopping.wait(min(report_every, keeper.every)):
             keeper.tick()

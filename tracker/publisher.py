@@ -8,12 +8,14 @@ Events are validated before anything is sent; a bad one raises
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 import redis
 
-from tracker import events, keys
-from tracker.config import Deployment, unavailable
+from tracker import events
+from tracker.store import keys
+from tracker.store.deployment import Deployment
 
 _encode = events.encode_entry
 
@@ -35,7 +37,7 @@ class Publisher:
         evs = list(evs)
         if not evs:
             return []
-        try:
+        with self.deployment.errors():
             if len(evs) == 1:
                 ev = evs[0]
                 return [self._client.xadd(self._stream(ev.jid), _encode(ev)).decode()]
@@ -46,8 +48,6 @@ class Publisher:
                     cmd.extend(item)
                 cmds.append(cmd)
             return [i.decode() for i in self._send_all(cmds)]
-        except redis.RedisError as e:
-            raise unavailable(self.deployment.settings, e) from e
 
     def _send_all(self, cmds: list[list]) -> list:
         """All commands in one write, replies read back in order: a pipeline without
@@ -74,7 +74,7 @@ class Publisher:
                 pool.release(conn)
         raise AssertionError("unreachable")
 
-    def batch(self) -> "Batch":
+    def batch(self) -> Batch:
         """``with publisher.batch() as b: b.enqueued(...)`` publishes on exit, in one trip."""
         return Batch(self)
 
@@ -104,7 +104,7 @@ class Batch:
         self.events: list[events.AnyEvent] = []
         self.ids: list[str] = []
 
-    def __enter__(self) -> "Batch":
+    def __enter__(self) -> Batch:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -9,56 +9,29 @@ command across partitions.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any, Optional
 
-import redis
-
-from tracker import events, keys
-from tracker.config import Deployment, Settings, unavailable
+from tracker import answer, events, history
 from tracker.publisher import Publisher
-from tracker.scripts import call_many
+from tracker.store import keys, scripts
+from tracker.store.boundary import check
+from tracker.store.deployment import Deployment
+from tracker.store.settings import Settings
 
 
-
-def unknown(jid: str) -> dict:
-    """The observed answer for an untracked, never-enqueued or expired JID."""
-    return {"jid": jid, "state": "unknown", "updated_at": ""}
-
-
-def track_answer(jid: str, row: list, now_ms: int) -> dict:
-    """TRACK GET's object from an HMGET row (s, p, d, u, r, x), keys in contract order."""
-    s, p, d, u, _r, x = row
-    if s is None or x is None or int(x) <= now_ms:
-        return unknown(jid)
-    out: dict[str, Any] = {"jid": jid}
-    if p is not None:
-        out["percent"] = int(p)
-    if d is not None:
-        out["desc"] = d.decode()
-    out["state"] = s.decode()
-    out["updated_at"] = events.format_time(int(u))
-    return out
-
-
-def reservation(row: list, now_ms: int) -> Optional[dt.datetime]:
-    s, _p, _d, _u, r, x = row
-    if s != b"working" or r is None or x is None or int(x) <= now_ms or int(r) <= now_ms:
-        return None
-    return dt.datetime.fromtimestamp(int(r) / 1000, dt.timezone.utc)
-
-
-def get_call(prefix: str, part: int, jids: list[str]) -> tuple[list, list]:
+def get_call(prefix: str, part: int, jids: list[str]) -> scripts.Call:
     """KEYS and ARGV of get.lua for some JIDs of one partition (sync and asyncio callers)."""
     return ([keys.stream(prefix, part), keys.meta(prefix, part)],
             [keys.snapshot_prefix(prefix, part), *jids])
 
 
-def plan(deployment: Deployment, jids: list[str]) -> dict[int, list[int]]:
+def plan(partitions: int, jids: list[str]) -> dict[int, list[int]]:
     """Partition -> indexes into ``jids``, so replies can be put back in order."""
     groups: dict[int, list[int]] = {}
     for i, jid in enumerate(jids):
         events.check_jid(jid)
-        groups.setdefault(deployment.partition(jid), []).append(i)
+        groups.setdefault(keys.partition_of(jid, partitions), []).append(i)
     return groups
 
 
@@ -70,31 +43,28 @@ class Tracker:
         self.publisher = Publisher(deployment)
 
     @classmethod
-    def connect(cls, redis_url: Optional[str] = None, **settings) -> "Tracker":
+    def connect(cls, redis_url: Optional[str] = None, **settings: Any) -> Tracker:
         return cls(Deployment.open(Settings.from_env(redis_url=redis_url, **settings)))
 
     def close(self) -> None:
         self.deployment.close()
 
-    def __enter__(self) -> "Tracker":
+    def __enter__(self) -> Tracker:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.close()
 
     def _rows(self, jids: list[str]) -> tuple[list, int]:
         d = self.deployment
-        groups = plan(d, jids)
+        groups = plan(d.partitions, jids)
         calls = [get_call(d.prefix, part, [jids[i] for i in idx]) for part, idx in groups.items()]
-        try:
-            replies = call_many(d.client, d.scripts.get, calls)
-        except redis.RedisError as e:
-            raise unavailable(d.settings, e) from e
+        with d.errors():
+            replies = scripts.run(d.client, "get", calls)
         rows: list = [None] * len(jids)
         now = 0
         for idx, reply in zip(groups.values(), replies):
-            if isinstance(reply, Exception):
-                raise unavailable(d.settings, reply)
+            check(d.settings, reply)
             now = int(reply[0])
             for i, row in zip(idx, reply[1:]):
                 rows[i] = row
@@ -103,7 +73,7 @@ class Tracker:
     def get(self, jid: str) -> dict:
         """TRACK GET: the contract's JSON object for one JID (never None)."""
         rows, now = self._rows([jid])
-        return track_answer(jid, rows[0], now)
+        return answer.track_answer(jid, rows[0], now)
 
     def get_many(self, jids: Iterable[str]) -> list[dict]:
         """TRACK GET for many JIDs in one round trip, in the order given."""
@@ -111,16 +81,14 @@ class Tracker:
         if not jids:
             return []
         rows, now = self._rows(jids)
-        return [track_answer(j, r, now) for j, r in zip(jids, rows)]
+        return [answer.track_answer(j, r, now) for j, r in zip(jids, rows)]
 
     def get_at(self, jid: str, at: Any) -> dict:
         """TRACK GET as of a past time (epoch ms, aware datetime, RFC 3339 or '-10m')."""
-        from tracker import history
-
         if isinstance(at, dt.datetime):
             at = int(at.timestamp() * 1000)
         elif isinstance(at, str):
-            at = history.parse_when(at, history.redis_now_ms(self.deployment))
+            at = history.parse_at(self.deployment, at)
         return history.track_at(self.deployment, jid, int(at))
 
     def reserved_until(self, jid: str) -> Optional[dt.datetime]:
@@ -129,7 +97,7 @@ class Tracker:
         A job server checks this before reaping a job whose own reservation ran out.
         """
         rows, now = self._rows([jid])
-        return reservation(rows[0], now)
+        return answer.reservation(rows[0], now)
 
     def set(self, jid: str, percent: Optional[int] = None, desc: Optional[str] = None,
             reserve_until: Any = None) -> str:

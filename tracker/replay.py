@@ -1,6 +1,6 @@
 """Rebuild every snapshot from the log (``tracker replay``) and audit them (``--verify``).
 
-Rebuild, per partition, while projectors and producers run (``tracker/lua/replay.lua``
+Rebuild, per partition, while projectors and producers run (``tracker/store/lua/replay.lua``
 holds the argument): fold the log inside Redis, with the fold and snapshot code the
 live projector uses, into snapshot keys of a new generation; follow the live
 projector's position; then fold the last few entries and flip ``{p}:meta gen`` in one
@@ -18,27 +18,26 @@ running meanwhile causes no false alarms.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import redis
 
 from projections import track as fold_mod
-from tracker import events, keys
-from tracker import events as events_mod
-from tracker.config import Deployment, unavailable
+from tracker import answer, events, retention
 from tracker.errors import TrackerError
-from tracker.history import id_ms, unpack_ids
-from tracker.scripts import registered
-from tracker.scripts import LIMITS
+from tracker.history import unpack_ids
+from tracker.store import keys, scripts, streams
+from tracker.store.deployment import Deployment
+from tracker.store.scripts import LIMITS
+from tracker.times import id_key, id_ms
 
 HOLD_MS = 600_000  # a partition's rebuild must switch within this (see replay.lua)
 LOCK_MS = 600_000  # a rebuild that made no progress this long loses its lock
 CHUNK = 5000
 
 Progress = Optional[Callable[[int], None]]
-NAMES = {"s": "state", "p": "percent", "d": "desc", "u": "updated_at", "r": "reserved_until",
-         "x": "expires_at"}
 
 
 @dataclass
@@ -59,12 +58,11 @@ def _call(d: Deployment, part: int, mode: str, gen="", check="", jids=(), chunk=
          keys.replay_held(p, part), keys.replay_partial(p, part)]
     a = [mode, keys.snapshot_prefix(p, part), keys.GROUP, chunk, d.ttl_ms, d.grace_ms, HOLD_MS,
          LOCK_MS, gen, check, *LIMITS, *jids]
-    try:
-        return registered(d.client, "replay")(keys=k, args=a)
-    except redis.ResponseError as e:
-        raise TrackerError(f"replay of partition {part}: {e}") from None
-    except redis.RedisError as e:
-        raise unavailable(d.settings, e) from e
+    with d.errors():
+        try:
+            return scripts.call(d.client, "replay", k, a)
+        except redis.ResponseError as e:
+            raise TrackerError(f"replay of partition {part}: {e}") from None
 
 
 def never_trimmed(client: redis.Redis, stream: str) -> bool:
@@ -95,10 +93,7 @@ def _check_retention(d: Deployment, part: int) -> None:
     """Refuse a rebuild that could drop live tracks: with a retention shorter than the
     longest a track can live (a day's reservation + TTL + grace), a live job's every
     event, and its history index, may be gone, and the fold would not know the job."""
-    from tracker import retention
-    from tracker.events import RESERVE_MAX
-
-    longest = RESERVE_MAX * 1000 + d.ttl_ms + d.grace_ms
+    longest = events.RESERVE_MAX * 1000 + d.ttl_ms + d.grace_ms
     kept = retention.resolve(d)
     if kept < longest and not never_trimmed(d.client, keys.stream(d.prefix, part)):
         raise TrackerError(
@@ -155,26 +150,19 @@ def _abort(d: Deployment, part: int, gen: str) -> None:
         pass
 
 
-def partitions(d: Deployment, partition: Optional[int]) -> list[int]:
-    if partition is None:
-        return list(range(d.partitions))
-    if not 0 <= partition < d.partitions:
-        from tracker.errors import ValidationError
-        raise ValidationError("partition", f"expected 0..{d.partitions - 1}, got {partition}")
-    return [partition]
-
-
 def rebuild(d: Deployment, partition: Optional[int] = None, progress: Progress = None,
             chunk: int = CHUNK, unlink_old: bool = True, force: bool = False) -> list[Rebuilt]:
-    return [rebuild_partition(d, p, progress, chunk, unlink_old, force)
-            for p in partitions(d, partition)]
+    with d.errors():
+        return [rebuild_partition(d, p, progress, chunk, unlink_old, force)
+                for p in d.partition_list(partition)]
 
 
 def log_length(d: Deployment, partition: Optional[int] = None) -> int:
     pipe = d.client.pipeline(transaction=False)
-    for p in partitions(d, partition):
+    for p in d.partition_list(partition):
         pipe.xlen(keys.stream(d.prefix, p))
-    return sum(pipe.execute())
+    with d.errors():
+        return sum(pipe.execute())
 
 
 # ------------------------------------------------------------------ verify
@@ -201,15 +189,6 @@ class Verified:
                 "cannot_verify": len(self.cannot_verify)}
 
 
-def _row(track: Optional[fold_mod.Track]) -> Optional[dict]:
-    if track is None:
-        return None
-    return {"s": track.state, "p": None if track.percent is None else str(track.percent),
-            "d": track.desc, "u": str(track.updated_at),
-            "r": str(track.reserved_until) if track.reserved_until > 0 else None,
-            "x": str(track.expires_at)}
-
-
 class _Folder:
     """Folds one partition's log forward to a given (growing) position."""
 
@@ -222,9 +201,8 @@ class _Folder:
     def advance(self, to: str) -> None:
         if not to:
             return
-        while True:
-            lo = "-" if self.pos is None else "(" + self.pos
-            got = self.d.client.xrange(self.stream, lo, to, count=CHUNK)
+        lo = "-" if self.pos is None else "(" + self.pos
+        for got in streams.pages(self.d.client, self.stream, lo, to, CHUNK):
             for eid, fields in got:
                 try:
                     ev = events.decode_entry(fields)
@@ -237,18 +215,9 @@ class _Folder:
                     self.tracks.pop(ev.jid, None)
                 else:
                     self.tracks[ev.jid] = new
-            if got:
-                self.pos = got[-1][0].decode()
-                if self.progress:
-                    self.progress(len(got))
-            if len(got) < CHUNK:
-                return
-
-
-def _lt(a: str, b: str) -> bool:
-    am, _, asq = a.partition("-")
-    bm, _, bsq = b.partition("-")
-    return (int(am), int(asq)) < (int(bm), int(bsq))
+            self.pos = got[-1][0].decode()
+            if self.progress:
+                self.progress(len(got))
 
 
 def verify_partition(d: Deployment, part: int, out: Verified, progress: Progress = None) -> None:
@@ -272,13 +241,14 @@ def verify_partition(d: Deployment, part: int, out: Verified, progress: Progress
         for j, jid in enumerate(batch):
             row = [v.decode() if v is not None else None for v in reply[4 + 2 * j]]
             index_head = reply[5 + 2 * j]
-            have = dict(zip("spdurx", row)) if row[0] is not None and int(row[5]) > now else None
+            alive = row[0] is not None and row[5] is not None and int(row[5]) > now
+            have = dict(zip("spdurx", row)) if alive else None
             track = folder.tracks.get(jid)
-            want = _row(track if track is not None and track.expires_at > now else None)
+            want = answer.stored_fields(track if track is not None and track.expires_at > now else None)
             if have is None and want is None:
                 continue
             out.checked += 1
-            if len(index_head) == 10 and first and _lt(unpack_ids(index_head)[0], first):
+            if len(index_head) == 10 and first and id_key(unpack_ids(index_head)[0]) < id_key(first):
                 out.cannot_verify.append((jid, "its first events were trimmed from the log"))
             elif trimmed and len(index_head) < 10 and not folder.starts.get(jid):
                 out.cannot_verify.append((jid, "no history index and the log does not hold "
@@ -287,67 +257,14 @@ def verify_partition(d: Deployment, part: int, out: Verified, progress: Progress
                 out.equal += 1
             else:
                 have, want = have or {}, want or {}
-                diff = {NAMES[f]: (have.get(f), want.get(f)) for f in "spdurx"
+                diff = {answer.FIELD_NAMES[f]: (have.get(f), want.get(f)) for f in "spdurx"
                         if have.get(f) != want.get(f)}
                 out.different.append(Difference(jid, part, diff))
 
 
 def verify(d: Deployment, partition: Optional[int] = None, progress: Progress = None) -> Verified:
     out = Verified()
-    for p in partitions(d, partition):
-        verify_partition(d, p, out, progress)
+    with d.errors():
+        for p in d.partition_list(partition):
+            verify_partition(d, p, out, progress)
     return out
-
-
-# ------------------------------------------------------------------ benchmark
-def bench_replay(deployment: Deployment, events: int) -> dict:
-    """Fill ``deployment`` (empty) with ``events`` (jobs of 5), project, then measure a
-    full rebuild (events/s, and as a ratio to a plain XRANGE read of the same log in
-    the same run) and ``history`` of one job (ms per call). Used by scripts/."""
-    import random
-    import statistics
-
-    from tracker.history import history
-    from tracker.projector import Projector
-    from tracker.publisher import Publisher
-
-    d, pub = deployment, Publisher(deployment)
-    jobs = max(1, events // 5)
-    for lo in range(0, jobs, 2000):
-        batch = []
-        for i in range(lo, min(jobs, lo + 2000)):
-            j = f"bench-{i}"
-            batch += [events_mod.make_enqueued(j, {"track": 1}, "default", "Bench"),
-                      events_mod.make_working(j), events_mod.make_trackset(j, 50, "half"),
-                      events_mod.make_trackset(j, 90, "nearly"), events_mod.make_success(j)]
-        pub.publish_many(batch)
-    t0 = time.perf_counter()
-    Projector(d, consumer="bench", batch=1000).drain()
-    project_s = time.perf_counter() - t0
-    n = log_length(d)
-    t0 = time.perf_counter()
-    for p in range(d.partitions):
-        lo = "-"
-        while True:
-            got = d.client.xrange(keys.stream(d.prefix, p), lo, "+", count=CHUNK)
-            if len(got) < CHUNK:
-                break
-            lo = "(" + got[-1][0].decode()
-    raw_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    rebuild(d)
-    rebuild_s = time.perf_counter() - t0
-    sample = [f"bench-{random.randrange(jobs)}" for _ in range(300)]
-    times = []
-    for jid in sample:
-        t1 = time.perf_counter()
-        assert len(history(d, jid).entries) == 5
-        times.append((time.perf_counter() - t1) * 1000)
-    times.sort()
-    index_bytes = d.client.memory_usage(keys.history(d.prefix, d.partition(sample[0]), sample[0]))
-    return {"events": n, "partitions": d.partitions, "project_per_s": round(n / project_s),
-            "rebuild_per_s": round(n / rebuild_s), "rebuild_s": round(rebuild_s, 2),
-            "raw_xrange_per_s": round(n / raw_s), "rebuild_vs_raw_xrange": round(raw_s / rebuild_s, 2),
-            "history_ms_median": round(statistics.median(times), 3),
-            "history_ms_p99": round(times[int(len(times) * 0.99) - 1], 3),
-            "history_index_key_bytes_5_events": index_bytes}

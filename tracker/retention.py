@@ -1,6 +1,6 @@
 """Retention: trim the log by age without losing an entry a consumer still needs.
 
-The rule (``tracker/lua/trim.lua``, one atomic step per partition): remove entries
+The rule (``tracker/store/lua/trim.lua``, one atomic step per partition): remove entries
 older than now - retention, but never at or after any group's oldest pending entry
 (a dead consumer's entries stay claimable), never after its last-delivered ID
 (never-read entries), and never past a running rebuild's position. The retention
@@ -13,35 +13,23 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass
 from typing import Optional
 
-import redis
-
-from tracker import keys
-from tracker.config import Deployment, unavailable
-from tracker.errors import ValidationError
-from tracker.scripts import registered
+from tracker import times
+from tracker.store import keys, scripts, streams
+from tracker.store.deployment import Deployment
 
 log = logging.getLogger("tracker.retention")
 
 DEFAULT_MS = 7 * 86_400_000  # snapshot.lua Snap.DEFAULT_RETENTION
 MIN_MS = 60_000
-_DUR = re.compile(r"(\d+)(ms|s|m|h|d|w)?")
-_UNIT = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 
 
 def parse_duration(text: str, field: str = "retention") -> int:
-    """'7d', '36h', '90m', '3600s' or plain seconds -> milliseconds."""
-    m = _DUR.fullmatch(str(text).strip())
-    if not m:
-        raise ValidationError(field, f"expected a duration like 7d, 36h or 90m, got {text!r}")
-    ms = int(m.group(1)) * _UNIT[m.group(2) or "s"]
-    if ms < MIN_MS:
-        raise ValidationError(field, "must be at least 1 minute")
-    return ms
+    """'7d', '36h', '90m', '3600s' or plain seconds -> milliseconds, at least a minute."""
+    return times.parse_duration(text, field, MIN_MS)
 
 
 def resolve(d: Deployment, override: Optional[str] = None) -> int:
@@ -49,10 +37,8 @@ def resolve(d: Deployment, override: Optional[str] = None) -> int:
     text = override if override is not None else os.environ.get("TRACKER_RETENTION")
     if text:
         return parse_duration(text)
-    try:
+    with d.errors():
         stored = d.client.hget(keys.config(d.prefix), "retention")
-    except redis.RedisError as e:
-        raise unavailable(d.settings, e) from e
     return int(stored) if stored else DEFAULT_MS
 
 
@@ -66,35 +52,26 @@ class Trimmed:
 
 
 def _count_before(d: Deployment, stream: str, minid: str) -> int:
-    n, lo = 0, "-"
-    while True:
-        got = d.client.xrange(stream, lo, "(" + minid, count=10_000)
-        n += len(got)
-        if len(got) < 10_000:
-            return n
-        lo = "(" + got[-1][0].decode()
+    return sum(len(page) for page in streams.pages(d.client, stream, "-", "(" + minid, 10_000))
 
 
 def trim(d: Deployment, retention_ms: int, partition: Optional[int] = None,
          dry_run: bool = False) -> list[Trimmed]:
-    from tracker.replay import partitions
-
     out = []
-    try:
+    with d.errors():
         if not dry_run and d.client.hget(keys.config(d.prefix), "retention") != \
                 str(retention_ms).encode():
             d.client.hset(keys.config(d.prefix), "retention", retention_ms)
-        for p in partitions(d, partition):
+        for p in d.partition_list(partition):
             stream = keys.stream(d.prefix, p)
-            minid, why, removed = registered(d.client, "trim")(
-                keys=[stream, keys.meta(d.prefix, p), keys.replay_state(d.prefix, p)],
-                args=[retention_ms, "1" if dry_run else "0"])
+            minid, why, removed = scripts.call(
+                d.client, "trim",
+                [stream, keys.meta(d.prefix, p), keys.replay_state(d.prefix, p)],
+                [retention_ms, "1" if dry_run else "0"])
             minid, why = minid.decode(), why.decode()
             if dry_run:
                 removed = _count_before(d, stream, minid) if minid not in ("", "0-0") else 0
             out.append(Trimmed(p, minid, why, int(removed), dry_run))
-    except redis.RedisError as e:
-        raise unavailable(d.settings, e) from e
     return out
 
 

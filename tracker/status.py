@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import redis
 
-from tracker import keys
-from tracker.config import Deployment, unavailable
+from tracker.store import keys
+from tracker.store.boundary import check
+from tracker.store.deployment import Deployment
 
 
 def partition_status(d: Deployment) -> list[dict]:
@@ -16,13 +17,11 @@ def partition_status(d: Deployment) -> list[dict]:
         pipe.xinfo_groups(keys.stream(d.prefix, p))
         pipe.xlen(keys.dlq(d.prefix, p))
         pipe.hget(keys.stats(d.prefix, p), "applied")
-    try:
+    with d.errors():
         replies = pipe.execute(raise_on_error=False)
-    except redis.RedisError as e:
-        raise unavailable(d.settings, e) from e
     for reply in replies:  # a missing stream or group is data; anything else is trouble
-        if isinstance(reply, redis.RedisError) and "no such key" not in str(reply).lower():
-            raise unavailable(d.settings, reply)
+        if not (isinstance(reply, redis.RedisError) and "no such key" in str(reply).lower()):
+            check(d.settings, reply)
     rows = []
     for p in range(d.partitions):
         length, groups, dlq, applied = replies[4 * p: 4 * p + 4]

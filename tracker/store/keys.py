@@ -56,7 +56,7 @@ def partition_of(jid: str, partitions: int) -> int:
 
 # ------------------------------------------------------------- replay, history
 # Lua derives the first three of these from snapshot_prefix() with the same rules
-# (tracker/lua/snapshot.lua, Snap.keys); tests/test_replay.py checks they agree.
+# (tracker/store/lua/snapshot.lua, Snap.keys); tests/test_replay.py checks they agree.
 
 def meta(prefix: str, partition: int) -> str:
     """Hash of per-partition settings the scripts read: ``gen`` (snapshot

@@ -15,14 +15,17 @@ import threading
 import time
 
 import click
-import msgspec
-import redis
 
-from tracker.config import Deployment, Settings, client_for, unavailable
+from tracker.cli.app import cli, pass_app
+from tracker.cli.output import echo_json
+from tracker.cli.watch import COLORS, render
 from tracker.projector import Projector
 from tracker.publisher import Publisher
 from tracker.query import Tracker
-from tracker.watch import COLORS, render
+from tracker.store.boundary import redis_errors
+from tracker.store.connection import create_client
+from tracker.store.deployment import Deployment
+from tracker.store.settings import Settings
 
 STEPS = ["Fetching input", "Parsing", "Calculating...", "Rendering", "Uploading", "Clearing caches..."]
 # (name, tracked, attempts that fail before the last, dies at the end)
@@ -78,14 +81,12 @@ def run_demo(app, jobs: int = 6, seed: int = 7) -> None:
     base = app.settings
     settings = Settings(redis_url=base.redis_url, data_dir=base.data_dir,
                         prefix=f"{base.prefix}-demo", ttl=base.ttl)
-    client = client_for(settings)
-    try:  # a fresh demo each run: its own prefix, emptied (config included) before use
+    client = create_client(settings)
+    with redis_errors(settings):  # a fresh demo each run: its own prefix, emptied first
         for pattern in (f"{{{settings.prefix}:*", f"{settings.prefix}:*"):
             stale = list(client.scan_iter(match=pattern, count=1000))
             if stale:
                 client.delete(*stale)
-    except redis.RedisError as e:
-        raise unavailable(settings, e) from e
     d = Deployment.open(settings, client=client)
     tracker, pub = Tracker(d), Publisher(d)
     rng = random.Random(seed)
@@ -124,9 +125,16 @@ def run_demo(app, jobs: int = 6, seed: int = 7) -> None:
         projector.stop()
         folding.join(timeout=5)
     click.echo("\nFinal TRACK GET answers:")
-    enc = msgspec.json.Encoder()
     for answer in tracker.get_many(jids):
-        click.echo(enc.encode(answer))
+        echo_json(answer)
     click.echo(f"\nUntracked jobs answer 'unknown'. The log keeps every event; try:\n"
                f"  tracker --prefix {settings.prefix} history {jids[1]}\n"
                f"  tracker --prefix {settings.prefix} replay --verify")
+
+
+@cli.command()
+@click.option("--jobs", type=click.IntRange(1, 50), default=6, show_default=True)
+@pass_app
+def demo(app, jobs):
+    """Simulate a job server and workers, project live and show the tracks move."""
+    run_demo(app, jobs)

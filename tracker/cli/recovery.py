@@ -1,58 +1,24 @@
-"""CLI for recovery and audit: replay, history, trim, export, import.
+"""Recovery and audit: replay, history, trim, export, import.
 
-Registered at the bottom of tracker/cli.py. Long work reports progress on stderr:
-a progress bar on a terminal, a line every few seconds otherwise.
+Long work reports progress on stderr: a progress bar on a terminal, a line
+every few seconds otherwise.
 """
 
 from __future__ import annotations
 
 import sys
-import time
-from typing import Optional
 
 import click
-import msgspec
 
-from tracker.cliapp import pass_app
-
-_json = msgspec.json.Encoder()
-
-
-class Progress:
-    """events done, total when known, rate: click.progressbar on a TTY, lines otherwise."""
-
-    def __init__(self, label: str, total: Optional[int] = None, every: float = 5.0):
-        self.label, self.total, self.every = label, total, every
-        self.done, self.t0 = 0, time.monotonic()
-        self.last = self.t0
-        self.bar = None
-        if sys.stderr.isatty():
-            self.bar = click.progressbar(length=total or 0, label=label, file=sys.stderr,
-                                         show_pos=True, show_eta=bool(total),
-                                         item_show_func=lambda _: self._rate())
-            self.bar.__enter__()
-
-    def _rate(self) -> str:
-        secs = max(time.monotonic() - self.t0, 1e-6)
-        return f"{self.done / secs:,.0f}/s"
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            if self.total and self.done > self.total:
-                self.bar.length = self.done
-            self.bar.update(n)
-        elif time.monotonic() - self.last >= self.every:
-            self.last = time.monotonic()
-            of = f" of ~{self.total}" if self.total else ""
-            click.echo(f"{self.label}: {self.done}{of} events ({self._rate()})", err=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
+from tracker import archive
+from tracker import history as hist
+from tracker import replay as rp
+from tracker import retention as ret
+from tracker.cli.app import cli, pass_app
+from tracker.cli.output import Progress, echo_json
 
 
-@click.command()
+@cli.command()
 @click.option("--partition", type=int, metavar="P", help="Only this partition.")
 @click.option("--verify", is_flag=True, help="Compare the live snapshots with the log; write nothing.")
 @click.option("--keep-old", is_flag=True, help="Leave the old generation's keys to expire on "
@@ -68,8 +34,6 @@ def replay(app, partition, verify, keep_old, force, as_json):
     run, catches up with the live projector and switches atomically per partition.
     --verify exits 0 when everything that can be verified is equal, 1 otherwise.
     """
-    from tracker import replay as rp
-
     d = app.deployment
     prog = Progress("verify" if verify else "replay", rp.log_length(d, partition))
     try:
@@ -84,8 +48,8 @@ def replay(app, partition, verify, keep_old, force, as_json):
                   "fields": {k: {"live": a, "log": b} for k, (a, b) in x.fields.items()}}
                  for x in res.different]
         if as_json:
-            click.echo(_json.encode({**res.summary(), "differences": diffs,
-                                     "cannot_verify_jids": [j for j, _ in res.cannot_verify]}))
+            echo_json({**res.summary(), "differences": diffs,
+                                     "cannot_verify_jids": [j for j, _ in res.cannot_verify]})
         else:
             s = res.summary()
             click.echo(f"checked {s['checked']} jids: {s['equal']} equal, {s['different']} "
@@ -98,7 +62,7 @@ def replay(app, partition, verify, keep_old, force, as_json):
         sys.exit(0 if res.ok else 1)
     rows = [r.__dict__ for r in done]
     if as_json:
-        click.echo(_json.encode({"partitions": rows}))
+        echo_json({"partitions": rows})
         return
     for r in done:
         click.echo(f"partition {r.partition}: generation {r.old_gen} -> {r.new_gen}, folded "
@@ -109,14 +73,12 @@ def replay(app, partition, verify, keep_old, force, as_json):
     click.echo(f"replayed {total} events in {secs:.2f}s ({total / secs if secs else 0:,.0f}/s)")
 
 
-@click.command()
+@cli.command()
 @click.argument("jid")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines.")
 @pass_app
 def history(app, jid, as_json):
     """A job's events in order (time, event, fields), also after its track expired."""
-    from tracker import history as hist
-
     h = hist.history(app.deployment, jid)
     if h.trimmed:
         click.echo(f"{jid}: {len(h.trimmed)} earlier events are past retention (trimmed)",
@@ -124,7 +86,7 @@ def history(app, jid, as_json):
     for e in h.entries:
         rec = e.as_json()
         if as_json:
-            click.echo(_json.encode(rec))
+            echo_json(rec)
         else:
             fields = " ".join(f"{k}={v}" for k, v in rec["fields"].items())
             click.echo(f"{rec['time']}  {rec['event']:<9} {fields}".rstrip())
@@ -132,7 +94,7 @@ def history(app, jid, as_json):
         click.echo(f"{jid}: no history (unknown, untracked, or older than retention)", err=True)
 
 
-@click.command()
+@cli.command()
 @click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
 @click.option("--retention", envvar="TRACKER_RETENTION", show_envvar=True, metavar="DURATION",
               help="Keep this much of the log, e.g. 7d, 36h. Stored for the projector "
@@ -142,13 +104,11 @@ def history(app, jid, as_json):
 @pass_app
 def trim(app, dry_run, retention, partition, as_json):
     """Trim the log by age; never an entry a consumer group still needs."""
-    from tracker import retention as ret
-
     d = app.deployment
     ms = ret.resolve(d, retention)
     rows = ret.trim(d, ms, partition, dry_run)
     if as_json:
-        click.echo(_json.encode({"retention_ms": ms, "partitions": [r.__dict__ for r in rows]}))
+        echo_json({"retention_ms": ms, "partitions": [r.__dict__ for r in rows]})
         return
     verb = "would remove" if dry_run else "removed"
     for r in rows:
@@ -158,7 +118,7 @@ def trim(app, dry_run, retention, partition, as_json):
     click.echo(f"{verb} {sum(r.removed for r in rows)} entries (retention {ms // 1000}s)")
 
 
-@click.command()
+@cli.command()
 @click.option("--since", metavar="TIME", help="RFC 3339 or relative (-2d).")
 @click.option("--until", metavar="TIME", help="RFC 3339 or relative (-1h).")
 @click.option("--jid", metavar="JID", help="Only this job (from its history index).")
@@ -166,12 +126,9 @@ def trim(app, dry_run, retention, partition, as_json):
 @pass_app
 def export(app, since, until, jid, output):
     """Write the log as JSON lines (original ID and time), for archives."""
-    from tracker import archive, history as hist, replay as rp
-
     d = app.deployment
-    now = hist.redis_now_ms(d) if since or until else 0
-    lo = hist.parse_when(since, now, "since") if since else None
-    hi = hist.parse_when(until, now, "until") if until else None
+    lo = hist.parse_at(d, since, "since") if since else None
+    hi = hist.parse_at(d, until, "until") if until else None
     prog = Progress("export", None if jid else rp.log_length(d))
     try:
         n = archive.export(d, output, lo, hi, jid, prog)
@@ -180,17 +137,15 @@ def export(app, since, until, jid, output):
     click.echo(f"exported {n} entries", err=True)
 
 
-@click.command("import")
+@cli.command("import")
 @click.argument("file", type=click.File("r"))
 @pass_app
 def import_(app, file):
     """Append an export into an empty deployment, keeping IDs and order."""
-    from tracker import archive
-
     prog = Progress("import")
     try:
         res = archive.import_(app.deployment, file, prog)
     finally:
         prog.close()
-    click.echo(f"imported {res['imported']} entries ({res['renumbered']} renumbered); "
+    click.echo(f"imported {res.imported} entries ({res.renumbered} renumbered); "
                "run `tracker project` or `tracker replay` to fold them")

@@ -30,8 +30,9 @@ import msgspec
 
 from tracker import events
 from tracker.aio import AsyncTracker
-from tracker.config import Deployment, Settings
 from tracker.errors import RedisUnavailable, TrackerError, ValidationError
+from tracker.store.deployment import Deployment
+from tracker.store.settings import Settings
 
 log = logging.getLogger("tracker.server")
 
@@ -95,9 +96,10 @@ def _shown(raw: bytes, limit: int = 60) -> str:
 
 
 class Connection(asyncio.Protocol):
-    def __init__(self, server: "Server"):
+    transport: asyncio.Transport  # set by connection_made, before any other callback
+
+    def __init__(self, server: Server):
         self.server = server
-        self.transport: Optional[asyncio.Transport] = None
         self.buf = bytearray()
         self.authed = False
         self.busy = False  # a command is in flight; later lines wait in buf
@@ -231,7 +233,7 @@ class Connection(asyncio.Protocol):
         self.run_async(self.check(hello.pwdhash))
 
     async def check(self, given: str) -> bytes:
-        ok = await asyncio.to_thread(_check_password, self.server.password, self.salt,
+        ok = await asyncio.to_thread(_check_password, self.server.password or "", self.salt,
                                      self.iterations, given)  # ~10 ms of hashing: off the loop
         if not ok:
             log.info("wrong password from %s", self.peer())
@@ -321,6 +323,9 @@ class Connection(asyncio.Protocol):
 class Server:
     """The listening socket, its connections and the sweeper enforcing time limits."""
 
+    tracker: AsyncTracker  # opened on the loop in serve(), as are the two events
+    lost: asyncio.Event  # set whenever a connection closes
+
     def __init__(self, settings: Settings, partitions: int, password: Optional[str],
                  limits: Limits):
         self.settings = settings
@@ -330,12 +335,10 @@ class Server:
         self.conns: set[Connection] = set()
         self.inflight = 0
         self.stopping = False
-        self.tracker: Optional[AsyncTracker] = None
         self.port: Optional[int] = None
         self._server: Optional[asyncio.base_events.Server] = None
         self._stop: Optional[asyncio.Event] = None
         self.loop: Optional[asyncio.AbstractEventLoop] = None
-        self.lost: Optional[asyncio.Event] = None  # made on the loop in serve()
 
     async def serve(self, host: str, port: int, ready: Optional[threading.Event] = None) -> None:
         self.loop = asyncio.get_running_loop()

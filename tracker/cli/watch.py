@@ -8,6 +8,8 @@ import time
 
 import click
 
+from tracker.cli.app import cli, pass_app
+
 TERMINAL = ("success", "failed", "dead", "unknown")
 COLORS = {"enqueued": "blue", "working": "yellow", "success": "green", "failed": "red",
           "dead": "red", "unknown": "white"}
@@ -42,3 +44,19 @@ def follow(tracker, jid: str, interval: float = 0.5) -> str:
                 click.echo()
             return answer["state"]
         time.sleep(interval)
+
+
+_EXIT = {"success": 0, "failed": 3, "dead": 3, "unknown": 4}
+
+
+@cli.command()
+@click.argument("jid")
+@click.option("--interval", type=click.FloatRange(0.05, 60), default=0.5, show_default=True,
+              help="Seconds between polls.")
+@pass_app
+def watch(app, jid, interval):
+    """Follow a job's track live until it finishes.
+
+    Exit status: 0 success, 3 failed or dead, 4 unknown (untracked or expired).
+    """
+    sys.exit(_EXIT[follow(app.tracker, jid, interval)])

@@ -3,7 +3,7 @@
 -- rebuild store a track the very same way.
 --
 -- Keys are derived from the generation-0 snapshot prefix '{prefix:p}:t:' with the
--- rules of tracker/keys.py (meta, snapshot_prefix_gen, history_prefix); a test
+-- rules of tracker/store/keys.py (meta, snapshot_prefix_gen, history_prefix); a test
 -- checks the two agree.
 
 local Snap = {}

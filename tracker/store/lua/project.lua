@@ -1,6 +1,6 @@
 -- project.lua: fold the next batch of one partition and acknowledge it, atomically.
 -- Prepended at load time with projections/track.lua (the Fold table) and
--- tracker/lua/snapshot.lua (Snap: snapshot and history-index I/O, generations).
+-- tracker/store/lua/snapshot.lua (Snap: snapshot and history-index I/O, generations).
 --
 -- KEYS[1]  the partition's stream            {prefix:p}:log
 -- KEYS[2]  its dead-letter stream            {prefix:p}:dlq

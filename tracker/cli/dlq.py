@@ -5,18 +5,17 @@ from __future__ import annotations
 import sys
 
 import click
-import msgspec
 
 from tracker import dlq as dead
-from tracker.cliapp import pass_app
+from tracker.cli.app import cli, pass_app
+from tracker.cli.output import echo_json
 from tracker.errors import ValidationError
 
-_json = msgspec.json.Encoder()
 _partition = click.option("--partition", type=click.IntRange(0), metavar="P",
                           help="Only this partition. [default: all]")
 
 
-@click.group()
+@cli.group()
 def dlq():
     """Dead letters: log entries the projector refused, each with its reason."""
 
@@ -31,7 +30,7 @@ def list_(app, partition, as_json, limit):
     letters = dead.list_dead(app.deployment, partition, limit=limit)
     for dl in letters:
         if as_json:
-            click.echo(_json.encode(dl.as_dict()))
+            echo_json(dl.as_dict())
         else:
             fields = " ".join(f"{k}={v!r}" for k, v in dl.as_dict()["fields"])
             click.echo(f"{dl.ref} (log {dl.original_id}) {dl.reason}: {fields}")
@@ -54,15 +53,15 @@ def retry(app, ids, partition, force):
     Exit status 1 if an ID was not found or an entry was skipped.
     """
     res = dead.retry(app.deployment, ids, partition, force)
-    for old, new in res["retried"]:
+    for old, new in res.retried:
         click.echo(f"retried {old} as {new}")
-    for old, reason in res["skipped"]:
+    for old, reason in res.skipped:
         click.echo(f"skipped {old}: still refused ({reason})", err=True)
-    for old in res["missing"]:
+    for old in res.missing:
         click.echo(f"not found: {old}", err=True)
-    click.echo(f"{len(res['retried'])} retried, {len(res['skipped'])} skipped, "
-               f"{len(res['missing'])} not found", err=True)
-    if res["skipped"] or res["missing"]:
+    click.echo(f"{len(res.retried)} retried, {len(res.skipped)} skipped, "
+               f"{len(res.missing)} not found", err=True)
+    if res.skipped or res.missing:
         sys.exit(1)
 
 

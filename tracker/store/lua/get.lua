@@ -8,7 +8,7 @@
 -- passed is still a key for a grace period (see project.lua) but answers as
 -- absent: the caller compares x with now_ms, the clock the fold's times came from.
 -- The generation is read in the same step as the snapshots, so a rebuild's
--- switch (tracker/lua/replay.lua) is seen all at once or not at all.
+-- switch (tracker/store/lua/replay.lua) is seen all at once or not at all.
 
 local time = redis.call('TIME')
 local now = string.format('%d', tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000))

@@ -1,0 +1,116 @@
+"""Helpers shared by the test modules (fixtures live in conftest.py).
+
+- opening deployments on a backend, and deleting exactly what a test made;
+- reading snapshots and the log back, and the sequential Python fold of a log,
+  which every projector test compares against;
+- ``missing(reason)``: a real service the test needs is not there. Locally that
+  skips; under CI (``TRACKER_CI=1``) it fails, because CI provides every service.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import fakeredis
+import pytest
+import redis
+
+import projections
+from tracker import events
+from tracker.store import keys
+from tracker.store.deployment import Deployment
+from tracker.store.settings import Settings
+
+CI = os.environ.get("TRACKER_CI") == "1"
+
+
+def missing(reason: str) -> None:
+    """Skip (or, under CI, fail) a test whose real service is absent."""
+    if CI:
+        pytest.fail(f"required under CI (TRACKER_CI=1): {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+# ------------------------------------------------------------- deployments
+
+def cleanup(client: redis.Redis, prefix: str) -> None:
+    """Delete every key of ``prefix`` (partition keys and the config hash), nothing else."""
+    for pattern in (f"{{{prefix}:*", f"{prefix}:*"):
+        batch = list(client.scan_iter(match=pattern, count=1000))
+        for i in range(0, len(batch), 500):
+            client.delete(*batch[i:i + 500])
+
+
+def wipe(d: Deployment) -> None:
+    """Delete every key of this deployment's prefix (and nothing else)."""
+    cleanup(d.client, d.prefix)
+
+
+def open_deployment(kind: str, real_redis_url: Optional[str], prefix: str,
+                    **settings) -> Deployment:
+    """A deployment on ``kind`` ("fake": a fresh fakeredis; "real": the URL)."""
+    if kind == "fake":
+        s = Settings(redis_url="redis://fakeredis", prefix=prefix, **settings)
+        return Deployment.open(s, client=fakeredis.FakeRedis(), check_version=False)
+    return Deployment.open(Settings(redis_url=real_redis_url, prefix=prefix, **settings))
+
+
+def open_real(real_redis_url: str, prefix: str, partitions: int):
+    """A real-Redis deployment under ``prefix``, then its keys deleted (a generator
+    for fixtures: ``yield from open_real(...)``)."""
+    d = open_deployment("real", real_redis_url, prefix, partitions=partitions)
+    yield d
+    wipe(d)
+    d.close()
+
+
+# ------------------------------------------------------ snapshots and the log
+
+def track_fields(t: projections.Track) -> dict:
+    """The snapshot hash project.lua must write for a folded track (fields s p d u r x)."""
+    out = {b"s": t.state.encode(), b"u": str(t.updated_at).encode(),
+           b"x": str(t.expires_at).encode()}
+    if t.reserved_until:
+        out[b"r"] = str(t.reserved_until).encode()
+    if t.percent is not None:
+        out[b"p"] = str(t.percent).encode()
+    if t.desc is not None:
+        out[b"d"] = t.desc.encode()
+    return out
+
+
+def read_snapshots(d: Deployment, part: Optional[int] = None) -> dict:
+    """Every snapshot hash of the deployment (or one partition), by JID."""
+    out = {}
+    for p in range(d.partitions) if part is None else [part]:
+        pre = keys.snapshot_prefix(d.prefix, p)
+        gen = d.client.hget(keys.meta(d.prefix, p), "gen")  # a rebuild may have switched
+        if gen and gen != b"0":
+            pre = keys.snapshot_prefix_gen(d.prefix, p, int(gen))
+        raw = pre.encode()
+        for key in d.client.scan_iter(match=raw + b"*", count=1000):
+            out[key[len(raw):].decode()] = d.client.hgetall(key)
+    return out
+
+
+def read_log(d: Deployment):
+    """(entries, poison IDs) of the whole log: each partition read back with XRANGE."""
+    entries, poisoned = [], set()
+    for p in range(d.partitions):
+        for entry_id, fields in d.client.xrange(keys.stream(d.prefix, p)):
+            entry_id = entry_id.decode()
+            try:
+                ev = events.decode_entry(fields)
+            except events.PoisonEntry:
+                poisoned.add(entry_id)
+                continue
+            entries.append((int(entry_id.split("-")[0]), ev))
+    return entries, poisoned
+
+
+def expected_snapshots(d: Deployment) -> dict:
+    """The sequential Python fold of the log, as snapshot hashes (partitions are
+    independent: no JID spans two, so folding them one after another is the fold)."""
+    entries, _ = read_log(d)
+    return {jid: track_fields(t) for jid, t in projections.fold(entries, d.ttl_ms).items()}

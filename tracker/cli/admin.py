@@ -1,0 +1,46 @@
+"""Looking after a deployment: ``status`` and the embedded server."""
+
+from __future__ import annotations
+
+import click
+
+from tracker.cli.app import cli, pass_app
+from tracker.cli.output import echo_json
+from tracker.status import partition_status
+from tracker.store import embedded as emb
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_app
+def status(app, as_json):
+    """Show each partition: log length, lag, dead letters, events folded."""
+    rows = partition_status(app.deployment)
+    if as_json:
+        echo_json({"where": app.settings.where(), "partitions": rows})
+        return
+    click.echo(f"{app.settings.where()}, prefix {app.settings.prefix!r}, "
+               f"{len(rows)} partitions")
+    click.echo(f"{'part':>4} {'log':>9} {'lag':>7} {'pending':>7} {'dlq':>6} {'folded':>10}")
+    for r in rows:
+        click.echo(f"{r['partition']:>4} {r['length']:>9} {r['lag']:>7} {r['pending']:>7} "
+                   f"{r['dead_letters']:>6} {r['folded']:>10}")
+
+
+@cli.group()
+def embedded():
+    """Manage the embedded Redis (used when no --redis-url is given)."""
+
+
+@embedded.command("stop")
+@pass_app
+def embedded_stop(app):
+    """Shut the embedded Redis down (its data stays in --data-dir)."""
+    click.echo("stopped" if emb.stop(app.settings.data_dir) else "not running")
+
+
+@embedded.command("path")
+@pass_app
+def embedded_path(app):
+    """Print the embedded Redis's socket (redis-cli -s PATH, or --redis-url unix://PATH)."""
+    click.echo(str(emb.ensure(app.settings.data_dir)))

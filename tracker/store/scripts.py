@@ -1,0 +1,128 @@
+"""Lua scripts: composed from their .lua files, and invoked, here and only here.
+
+``project.lua`` and ``replay.lua`` run with the fold (``projections/track.lua``)
+and the snapshot I/O (``snapshot.lua``) prepended, so the live projector and a
+rebuild execute the very files the differential tests check.
+
+Invoking: scripts are sent by SHA (EVALSHA) and loaded only when Redis answers
+NOSCRIPT (after a restart, a failover or SCRIPT FLUSH); only those calls are
+re-sent. ``run`` is the sync face and ``arun`` the asyncio one; both send many
+calls in one round trip and return errors in place, as
+``pipeline.execute(raise_on_error=False)`` does. (redis-py's Script objects
+send SCRIPT EXISTS first in a pipeline: a second round trip on every call.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from redis.exceptions import NoScriptError, ResponseError
+
+import projections
+from tracker import events
+
+_LUA = Path(__file__).parent / "lua"
+_FOLD = Path(projections.__file__).parent / "track.lua"
+
+# Each script's parts, in order ("fold" is projections/track.lua, the rest store/lua/).
+_PARTS = {
+    "project": ("fold", "snapshot", "project"),
+    "replay": ("fold", "snapshot", "replay"),
+    "history": ("snapshot", "history"),
+    "trim": ("snapshot", "trim"),
+    "get": ("get",),
+    "dlq_retry": ("dlq_retry",),
+}
+
+# ARGV[9..17] of project.lua, in its order: the one source is tracker/events.py.
+LIMITS = (events.MAX_JID, events.MAX_DESC, events.MAX_ERRTYPE, events.MAX_MESSAGE,
+          events.MAX_NAME, events.MAX_INT, events.RESERVE_DEFAULT, events.RESERVE_MIN,
+          events.RESERVE_MAX)
+
+Call = tuple[Sequence[Any], Sequence[Any]]  # (KEYS, ARGV)
+
+
+@dataclass(frozen=True)
+class Script:
+    name: str
+    source: str
+    sha: str
+
+
+@cache
+def script(name: str) -> Script:
+    src = "\n".join((_FOLD if part == "fold" else _LUA / f"{part}.lua").read_text()
+                    for part in _PARTS[name])
+    return Script(name, src, hashlib.sha1(src.encode()).hexdigest())
+
+
+def source(name: str) -> str:
+    return script(name).source
+
+
+def _noscript(replies: list, todo: list[int], out: list) -> list[int]:
+    """Put ``out`` (replies to the calls ``todo``) in place; the calls to re-send."""
+    for i, reply in zip(todo, out):
+        replies[i] = reply
+    return [i for i, r in zip(todo, out) if isinstance(r, NoScriptError)]
+
+
+def _send(client, s: Script, calls: Sequence[Call], todo: list[int]):
+    """One EVALSHA, or a pipeline of them; returns a list or, on asyncio, an awaitable."""
+    if len(todo) == 1:
+        keys, args = calls[todo[0]]
+        return client.evalsha(s.sha, len(keys), *keys, *args)
+    pipe = client.pipeline(transaction=False)
+    for i in todo:
+        keys, args = calls[i]
+        pipe.evalsha(s.sha, len(keys), *keys, *args)
+    return pipe.execute(raise_on_error=False)
+
+
+def run(client, name: str, calls: Sequence[Call]) -> list:
+    """EVALSHA ``name`` once per (KEYS, ARGV) in one round trip; errors in place."""
+    s = script(name)
+    replies: list = [None] * len(calls)
+    todo = list(range(len(calls)))
+    for attempt in (0, 1):
+        try:
+            out = _send(client, s, calls, todo)
+            out = [out] if len(todo) == 1 else out
+        except (NoScriptError, ResponseError) as e:  # a single call raises
+            out = [e]
+        todo = _noscript(replies, todo, out)
+        if not todo or attempt:
+            break
+        client.script_load(s.source)
+    return replies
+
+
+async def arun(client, name: str, calls: Sequence[Call]) -> list:
+    """``run`` on a redis.asyncio client."""
+    s = script(name)
+    replies: list = [None] * len(calls)
+    todo = list(range(len(calls)))
+    for attempt in (0, 1):
+        try:
+            out = await _send(client, s, calls, todo)
+            out = [out] if len(todo) == 1 else out
+        except (NoScriptError, ResponseError) as e:
+            out = [e]
+        todo = _noscript(replies, todo, out)
+        if not todo or attempt:
+            break
+        await client.script_load(s.source)
+    return replies
+
+
+def call(client, name: str, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
+    """One call of ``name``; a Redis error is raised (callers translate it at the boundary)."""
+    reply = run(client, name, [(keys, args)])[0]
+    if isinstance(reply, Exception):
+        raise reply
+    return reply

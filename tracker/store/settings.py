@@ -1,0 +1,106 @@
+"""Settings: the one object every connection, sync or asyncio, is built from.
+
+As arq's ``RedisSettings`` does, one value says where Redis is and how to talk
+to it; ``tracker.store.connection`` turns it into clients. ``from_env`` reads
+the ``TRACKER_*`` variables the CLI documents, then explicit overrides.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlsplit, urlunsplit
+
+from tracker.errors import ConfigError
+from tracker.store import embedded
+
+DEFAULT_PARTITIONS = 4
+DEFAULT_TTL = 1800
+DEFAULT_GRACE = 300
+MAX_PARTITIONS = 1024
+PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced, fit for logs and errors."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def hide_password(url: Optional[str], text: str) -> str:
+    """``text`` with the URL's password (if any) replaced by ``***``."""
+    if url:
+        try:
+            password = urlsplit(url).password
+        except ValueError:
+            password = None
+        if password:
+            text = text.replace(password, "***")
+    return text
+
+
+def env_int(name: str) -> Optional[int]:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
+
+
+@dataclass
+class Settings:
+    redis_url: Optional[str] = None  # None: the embedded Redis under data_dir
+    data_dir: Path = field(default_factory=embedded.default_data_dir)
+    prefix: str = "tracker"
+    partitions: Optional[int] = None  # None: whatever Redis holds, else DEFAULT_PARTITIONS
+    ttl: Optional[int] = None  # seconds a track outlives its last update / reservation;
+    # None: whatever the deployment holds, else DEFAULT_TTL (a fold parameter, so stored)
+    grace: int = DEFAULT_GRACE  # seconds a snapshot key outlives its logical expiry
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        """Environment (TRACKER_*) first, then explicit non-None overrides."""
+        grace = env_int("TRACKER_GRACE")
+        s = cls(redis_url=os.environ.get("TRACKER_REDIS_URL") or None,
+                prefix=os.environ.get("TRACKER_PREFIX") or "tracker",
+                partitions=env_int("TRACKER_PARTITIONS"),
+                ttl=env_int("TRACKER_TTL"),
+                grace=DEFAULT_GRACE if grace is None else grace)
+        if os.environ.get("TRACKER_DATA_DIR"):
+            s.data_dir = Path(os.environ["TRACKER_DATA_DIR"])
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(s, k, v)
+        s.validate()
+        return s
+
+    def validate(self) -> None:
+        if not PREFIX_RE.fullmatch(self.prefix or ""):
+            raise ConfigError(f"prefix: use 1-64 letters, digits, '_', '.' or '-', "
+                              f"got {self.prefix!r}")
+        if self.partitions is not None and not 1 <= self.partitions <= MAX_PARTITIONS:
+            raise ConfigError(f"partitions: expected 1..{MAX_PARTITIONS}, got {self.partitions}")
+        if self.ttl is not None and not 1 <= self.ttl <= 10**7:
+            raise ConfigError(f"ttl: expected 1..10000000 seconds, got {self.ttl}")
+        if not 0 <= self.grace <= 10**7:
+            raise ConfigError(f"grace: expected 0..10000000 seconds, got {self.grace}")
+        if self.redis_url is not None and not re.match(r"(rediss?|unix)://", self.redis_url):
+            raise ConfigError(f"redis-url: expected redis://, rediss:// or unix://, "
+                              f"got {redact(self.redis_url)!r}")
+
+    def where(self) -> str:
+        return redact(self.redis_url) if self.redis_url else f"embedded Redis in {self.data_dir}"
