@@ -50,7 +50,8 @@ def gen(d, part):
 
 
 def test_lua_key_rules_match_keys_py(deployment):
-    snapshot_lua = (Path(scripts.__file__).parent / "lua" / "snapshot.lua").read_text()
+    lua = Path(scripts.__file__).parent / "lua"
+    snapshot_lua = (lua / "ids.lua").read_text() + (lua / "snapshot.lua").read_text()
     script = deployment.client.register_script(snapshot_lua + """
 local meta, hist = Snap.keys(ARGV[1])
 return {meta, hist, Snap.prefix(ARGV[1], false), Snap.prefix(ARGV[1], '0'),

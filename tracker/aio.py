@@ -17,9 +17,12 @@ from __future__ import annotations
 import asyncio
 from typing import Optional
 
+import redis
 import redis.asyncio as aredis
 
 from tracker import answer, events
+from tracker.freshness import POLL, READER, STEP, Freshness, behind
+from tracker.projector import project_call
 from tracker.query import get_call, plan
 from tracker.store import keys, scripts
 from tracker.store.boundary import check, redis_errors
@@ -38,11 +41,13 @@ class AsyncTracker:
     Build it with ``await AsyncTracker.open(settings)``.
     """
 
-    def __init__(self, client: aredis.Redis, settings: Settings, partitions: int):
+    def __init__(self, client: aredis.Redis, settings: Settings, partitions: int, ttl: int):
         self.client = client
         self.settings = settings
         self.prefix = settings.prefix
         self.partitions = partitions
+        self.ttl_ms = ttl * 1000
+        self.fresh = Freshness(settings)
         self._waiting: dict[int, list[tuple[str, asyncio.Future]]] = {}
         self._scheduled = False
         self._inflight = 0
@@ -50,13 +55,15 @@ class AsyncTracker:
     @classmethod
     async def open(cls, settings: Settings, partitions: Optional[int] = None,
                    max_connections: int = 32) -> AsyncTracker:
-        """Connect; the partition count comes from Redis via the sync ``Deployment.open``
-        (same version check, same agreement rule) unless the caller already knows it."""
-        if partitions is None:
-            d = await asyncio.to_thread(Deployment.open, settings)
-            partitions = d.partitions
+        """Connect; the partition count and TTL come from Redis via the sync
+        ``Deployment.open`` (same version check, same agreement rule)."""
+        d = await asyncio.to_thread(Deployment.open, settings)
+        if partitions is not None and partitions != d.partitions:
             d.close()
-        t = cls(create_async_client(settings, max_connections), settings, partitions)
+            raise ValueError(f"partitions: the deployment has {d.partitions}, not {partitions}")
+        partitions, ttl = d.partitions, d.ttl
+        d.close()
+        t = cls(create_async_client(settings, max_connections), settings, partitions, ttl)
         await t.load_scripts()
         return t
 
@@ -105,11 +112,7 @@ class AsyncTracker:
 
     async def _fetch(self, batch: dict[int, list[tuple[str, asyncio.Future]]]) -> None:
         try:
-            calls = [get_call(self.prefix, part, [jid for jid, _ in group])
-                     for part, group in batch.items()]
-            with redis_errors(self.settings):
-                replies = [check(self.settings, r)
-                           for r in await scripts.arun(self.client, "get", calls)]
+            replies = await self._rows(batch)
         except BaseException as e:  # every waiter hears about it, nothing hangs
             for group in batch.values():
                 for _jid, fut in group:
@@ -120,13 +123,64 @@ class AsyncTracker:
         else:
             for group, reply in zip(batch.values(), replies):
                 now = int(reply[0])
-                for (jid, fut), row in zip(group, reply[1:]):
+                for (jid, fut), row in zip(group, reply[2:]):
                     if not fut.done():
                         fut.set_result(answer.track_answer(jid, row, now))
         finally:
             self._inflight -= 1
             if self._waiting:
                 self._flush()  # what queued up meanwhile goes now, as one batch
+
+    async def _rows(self, batch: dict[int, list[tuple[str, asyncio.Future]]]) -> list:
+        """get.lua's reply per partition of ``batch``, once the fold has reached the
+        log's tip (see tracker.freshness; the twin of ``Tracker._rows``)."""
+        parts = list(batch)
+        needs = {part: self.fresh.need for part in parts}
+        done: dict[int, list] = {}
+        deadline = 0.0
+        while needs:
+            order = list(needs)
+            calls = [get_call(self.prefix, p, [jid for jid, _ in batch[p]], needs[p])
+                     for p in order]
+            with redis_errors(self.settings):
+                replies = await scripts.arun(self.client, "get", calls)
+            waiting = {}
+            for part, reply in zip(order, replies):
+                need = behind(check(self.settings, reply))
+                if need:
+                    waiting[part] = need
+                else:
+                    done[part] = reply
+            if waiting:
+                deadline = deadline or self.fresh.deadline()
+                for part, need in waiting.items():
+                    self.fresh.check(deadline, part, need)
+                await self._advance(list(waiting))
+            needs = waiting
+        return [done[p] for p in parts]
+
+    async def _advance(self, parts: list[int]) -> None:
+        """Fold ``parts`` towards the log's tip with project.lua, or wait (freshness)."""
+        if self.fresh.folds:
+            calls = [project_call(self.prefix, p, READER, STEP, self.ttl_ms,
+                                  self.settings.grace * 1000) for p in parts]
+            with redis_errors(self.settings):
+                replies = await scripts.arun(self.client, "project", calls)
+                for part, reply in zip(parts, replies):
+                    if isinstance(reply, Exception) and "NOGROUP" in str(reply):
+                        await self._create_group(part)
+                    elif self.fresh.pause_after(reply):
+                        await asyncio.sleep(POLL)
+        else:
+            await asyncio.sleep(POLL)
+
+    async def _create_group(self, part: int) -> None:
+        try:
+            await self.client.xgroup_create(keys.stream(self.prefix, part), keys.GROUP, id="0",
+                                            mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
 
     # ------------------------------------------------------------------ SET
     async def set_json(self, payload: bytes | str) -> str:

@@ -9,10 +9,13 @@ command across partitions.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Iterable
 from typing import Any, Optional
 
 from tracker import answer, events, history
+from tracker.freshness import POLL, READER, STEP, Freshness, behind
+from tracker.projector import Projector
 from tracker.publisher import Publisher
 from tracker.store import keys, scripts
 from tracker.store.boundary import check
@@ -20,10 +23,11 @@ from tracker.store.deployment import Deployment
 from tracker.store.settings import Settings
 
 
-def get_call(prefix: str, part: int, jids: list[str]) -> scripts.Call:
-    """KEYS and ARGV of get.lua for some JIDs of one partition (sync and asyncio callers)."""
+def get_call(prefix: str, part: int, jids: list[str], need: str = "") -> scripts.Call:
+    """KEYS and ARGV of get.lua for some JIDs of one partition (sync and asyncio callers):
+    ``need`` is the entry the fold must have reached ('' for the log's tip now)."""
     return ([keys.stream(prefix, part), keys.meta(prefix, part)],
-            [keys.snapshot_prefix(prefix, part), *jids])
+            [keys.snapshot_prefix(prefix, part), need, *jids])
 
 
 def plan(partitions: int, jids: list[str]) -> dict[int, list[int]]:
@@ -41,6 +45,8 @@ class Tracker:
     def __init__(self, deployment: Deployment):
         self.deployment = deployment
         self.publisher = Publisher(deployment)
+        self.fresh = Freshness(deployment.settings)
+        self._folder = Projector(deployment, consumer=READER, batch=STEP)
 
     @classmethod
     def connect(cls, redis_url: Optional[str] = None, **settings: Any) -> Tracker:
@@ -56,19 +62,54 @@ class Tracker:
         self.close()
 
     def _rows(self, jids: list[str]) -> tuple[list, int]:
+        """get.lua's rows for ``jids`` (one round trip when the fold is not behind)."""
+        return self._read(plan(self.deployment.partitions, jids), jids)
+
+    def settle(self, parts: Iterable[int]) -> None:
+        """Bring the fold of ``parts`` to the log's tip now (what every read does first)."""
+        self._read({p: [] for p in parts}, [])
+
+    def _read(self, groups: dict[int, list[int]], jids: list[str]) -> tuple[list, int]:
         d = self.deployment
-        groups = plan(d.partitions, jids)
-        calls = [get_call(d.prefix, part, [jids[i] for i in idx]) for part, idx in groups.items()]
-        with d.errors():
-            replies = scripts.run(d.client, "get", calls)
+        needs = {part: self.fresh.need for part in groups}
         rows: list = [None] * len(jids)
-        now = 0
-        for idx, reply in zip(groups.values(), replies):
-            check(d.settings, reply)
-            now = int(reply[0])
-            for i, row in zip(idx, reply[1:]):
-                rows[i] = row
+        now, deadline = 0, 0.0
+        while needs:
+            order = list(needs)
+            calls = [get_call(d.prefix, p, [jids[i] for i in groups[p]], needs[p]) for p in order]
+            with d.errors():
+                replies = scripts.run(d.client, "get", calls)
+            waiting = {}
+            for part, reply in zip(order, replies):
+                check(d.settings, reply)
+                now = int(reply[0])
+                need = behind(reply)
+                if need:
+                    waiting[part] = need
+                    continue
+                for i, row in zip(groups[part], reply[2:]):
+                    rows[i] = row
+            if waiting:
+                deadline = deadline or self.fresh.deadline()
+                for part, need in waiting.items():
+                    self.fresh.check(deadline, part, need)
+                self._advance(list(waiting))
+            needs = waiting
         return rows, now
+
+    def _advance(self, parts: list[int]) -> None:
+        """Bring the fold of ``parts`` closer to the log's tip (see tracker.freshness)."""
+        d = self.deployment
+        if self.fresh.folds:
+            with d.errors():
+                replies = scripts.run(d.client, "project", [self._folder.call(p) for p in parts])
+                for part, reply in zip(parts, replies):
+                    if isinstance(reply, Exception) and "NOGROUP" in str(reply):
+                        self._folder.ensure_group(part)
+                    elif self.fresh.pause_after(reply):
+                        time.sleep(POLL)
+        else:
+            time.sleep(POLL)
 
     def get(self, jid: str) -> dict:
         """TRACK GET: the contract's JSON object for one JID (never None)."""
@@ -89,7 +130,13 @@ class Tracker:
             at = int(at.timestamp() * 1000)
         elif isinstance(at, str):
             at = history.parse_at(self.deployment, at)
+        self.settle([self.deployment.partition(events.check_jid(jid))])
         return history.track_at(self.deployment, jid, int(at))
+
+    def history(self, jid: str) -> history.History:
+        """The job's events in log order, with everything in the log folded first."""
+        self.settle([self.deployment.partition(events.check_jid(jid))])
+        return history.history(self.deployment, jid)
 
     def reserved_until(self, jid: str) -> Optional[dt.datetime]:
         """The job's effective reservation (extended by reserve_until), or None.

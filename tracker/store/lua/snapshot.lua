@@ -41,20 +41,8 @@ function Snap.load(key)
           p = tonumber(raw.p), d = raw.d}, raw
 end
 
--- Stream IDs '<ms>-<seq>' compared as numbers; Redis's clock in ms.
-local function id_parts(id)
-  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-  return tonumber(ms), tonumber(seq)
-end
-function Snap.id_lt(a, b)
-  local am, as = id_parts(a)
-  local bm, bs = id_parts(b)
-  return am < bm or (am == bm and as < bs)
-end
-function Snap.now_ms()
-  local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-end
+-- (ids.lua, prepended before this file, has the ID comparison and the clock.)
+Snap.id_lt, Snap.now_ms = Id.lt, Id.now_ms
 
 -- A batch's tracks: each loaded once (b.tracks[jid] = track, or false when absent),
 -- with its stored fields kept for Snap.write (b.orig[jid]). on_miss(jid) runs for a
