@@ -50,7 +50,7 @@ def roles(p: str) -> dict[str, list[str]]:
         # reads the log and its index.
         "reader": ["+hello", "+info", "+evalsha", "+script|load", "+hmget", "+time",
                    "+get", "+xrange", "+xrevrange", f"~{{{p}:*}}:log", f"~{{{p}:*}}:meta",
-                   f"~{{{p}:*}}:h:*", f"%R~{{{p}:*}}:t*", f"%R~{p}:config"],
+                   f"~{{{p}:*}}:fence", f"~{{{p}:*}}:h:*", f"%R~{{{p}:*}}:t*", f"%R~{p}:config"],
     }
 
 

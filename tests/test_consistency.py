@@ -186,7 +186,7 @@ def test_a_reader_without_write_rights_waits_instead_of_folding(real_redis_url, 
         admin.execute_command(
             "ACL", "SETUSER", user, "on", f">{pw}", "resetkeys", "-@all", "+hello", "+info",
             "+hget", "+hmget", "+evalsha", "+script|load", "+time", "+xrevrange", "+get",
-            "+xrange", f"~{{{prefix}:*}}:log", f"~{{{prefix}:*}}:meta",
+            "+xrange", f"~{{{prefix}:*}}:log", f"~{{{prefix}:*}}:meta", f"~{{{prefix}:*}}:fence",
             f"%R~{{{prefix}:*}}:t*", f"%R~{prefix}:config")
         url = real_redis_url.replace("redis://", f"redis://{user}:{pw}@", 1)
         ro = Deployment.open(Settings(redis_url=url, prefix=prefix, read_timeout=0.3))

@@ -36,7 +36,8 @@ def project_call(prefix: str, part: int, consumer: str, batch: int, ttl_ms: int,
                  claim_idle_ms: int = 60_000, dlq_maxlen: int = 100_000) -> scripts.Call:
     """KEYS and ARGV of project.lua: one atomic fold step of one partition. Readers that
     catch a partition up (tracker.query, tracker.aio) send the very same call."""
-    return ([keys.stream(prefix, part), keys.dlq(prefix, part), keys.stats(prefix, part)],
+    return ([keys.stream(prefix, part), keys.dlq(prefix, part), keys.stats(prefix, part),
+             keys.fence(prefix, part)],
             [keys.GROUP, consumer, batch, keys.snapshot_prefix(prefix, part), ttl_ms, grace_ms,
              claim_idle_ms, dlq_maxlen, *LIMITS])
 

@@ -26,7 +26,7 @@ from tracker.store.settings import Settings
 def get_call(prefix: str, part: int, jids: list[str], need: str = "") -> scripts.Call:
     """KEYS and ARGV of get.lua for some JIDs of one partition (sync and asyncio callers):
     ``need`` is the entry the fold must have reached ('' for the log's tip now)."""
-    return ([keys.stream(prefix, part), keys.meta(prefix, part)],
+    return ([keys.stream(prefix, part), keys.meta(prefix, part), keys.fence(prefix, part)],
             [keys.snapshot_prefix(prefix, part), need, *jids])
 
 

@@ -55,7 +55,7 @@ class Rebuilt:
 def _call(d: Deployment, part: int, mode: str, gen="", check="", jids=(), chunk=CHUNK):
     p = d.prefix
     k = [keys.stream(p, part), keys.meta(p, part), keys.replay_state(p, part),
-         keys.replay_held(p, part), keys.replay_partial(p, part)]
+         keys.replay_held(p, part), keys.replay_partial(p, part), keys.fence(p, part)]
     a = [mode, keys.snapshot_prefix(p, part), keys.GROUP, chunk, d.ttl_ms, d.grace_ms, HOLD_MS,
          LOCK_MS, gen, check, *LIMITS, *jids]
     with d.errors():

@@ -66,7 +66,8 @@ def trim(d: Deployment, retention_ms: int, partition: Optional[int] = None,
             stream = keys.stream(d.prefix, p)
             minid, why, removed = scripts.call(
                 d.client, "trim",
-                [stream, keys.meta(d.prefix, p), keys.replay_state(d.prefix, p)],
+                [stream, keys.meta(d.prefix, p), keys.replay_state(d.prefix, p),
+                 keys.fence(d.prefix, p)],
                 [retention_ms, "1" if dry_run else "0"])
             minid, why = minid.decode(), why.decode()
             if dry_run:

@@ -28,6 +28,18 @@ def stream(prefix: str, partition: int) -> str:
     return f"{tag(prefix, partition)}:log"
 
 
+def fence(prefix: str, partition: int) -> str:
+    """A key no command ever writes, declared by every script call of the partition.
+
+    On Redis Cluster, while the partition's slot migrates, Redis refuses a script whose
+    declared keys are partly on each node (or, with one missing, on the source) with
+    TRYAGAIN; the fence, always missing, makes that true of every call, so a script
+    never runs on half a partition (its undeclared keys, built in Lua, would read as
+    absent or land on the wrong node). The caller retries until the slot has moved.
+    """
+    return f"{tag(prefix, partition)}:fence"
+
+
 def dlq(prefix: str, partition: int) -> str:
     """Entries the fold refused, each with its reason and original fields."""
     return f"{tag(prefix, partition)}:dlq"

@@ -4,6 +4,7 @@
 -- KEYS[1]  the partition's stream {prefix:p}:log
 -- KEYS[2]  the partition's meta hash {prefix:p}:meta (gen: live snapshot generation;
 --          pos: the newest entry project.lua has folded)
+-- KEYS[3]  the partition's fence {prefix:p}:fence (never written; see tracker/store/keys.py)
 -- ARGV[1]  snapshot key prefix of generation 0   {prefix:p}:t:
 -- ARGV[2]  the entry the fold must have reached: an ID, or '' for the stream's newest
 --          entry now (a read answers the fold of the log as it stands)

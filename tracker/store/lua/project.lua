@@ -5,6 +5,7 @@
 -- KEYS[1]  the partition's stream            {prefix:p}:log
 -- KEYS[2]  its dead-letter stream            {prefix:p}:dlq
 -- KEYS[3]  its stats hash                    {prefix:p}:stats
+-- KEYS[4]  its fence (never written)          {prefix:p}:fence  (see tracker/store/keys.py)
 -- ARGV[1]  consumer group name
 -- ARGV[2]  consumer name
 -- ARGV[3]  batch size (entries)

@@ -5,6 +5,7 @@
 --
 -- KEYS[1] stream {p}:log   KEYS[2] meta {p}:meta   KEYS[3] state {p}:replay
 -- KEYS[4] held {p}:replay:held   KEYS[5] partial {p}:replay:partial
+-- KEYS[6] fence {p}:fence (never written; see tracker/store/keys.py)
 -- ARGV[1] mode: begin | chunk | switch | read
 -- ARGV[2] snapshot prefix of generation 0 {p}:t:    ARGV[3] consumer group
 -- ARGV[4] entries per chunk   ARGV[5] ttl ms   ARGV[6] grace ms

@@ -2,6 +2,7 @@
 -- that a consumer group has not acknowledged or not yet been delivered.
 --
 -- KEYS[1] stream {p}:log   KEYS[2] meta {p}:meta   KEYS[3] rebuild state {p}:replay
+-- KEYS[4] fence {p}:fence (never written; see tracker/store/keys.py)
 -- ARGV[1] retention ms    ARGV[2] '1' for a dry run (nothing is removed or stored)
 -- Returns {MINID (entries before it go; '' = none), what limited it, removed (-1 on
 -- a dry run)}. Limits, lowest wins: now - retention; every group's last-delivered
