@@ -20,6 +20,7 @@ from tracker.store import embedded
 DEFAULT_PARTITIONS = 4
 DEFAULT_TTL = 1800
 DEFAULT_GRACE = 300
+DEFAULT_CONNECT_TIMEOUT = 5.0
 MAX_PARTITIONS = 1024
 PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -61,6 +62,16 @@ def env_int(name: str) -> Optional[int]:
         raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
 
 
+def env_seconds(name: str) -> Optional[float]:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a number of seconds, got {raw!r}") from None
+
+
 @dataclass
 class Settings:
     redis_url: Optional[str] = None  # None: the embedded Redis under data_dir
@@ -70,16 +81,23 @@ class Settings:
     ttl: Optional[int] = None  # seconds a track outlives its last update / reservation;
     # None: whatever the deployment holds, else DEFAULT_TTL (a fold parameter, so stored)
     grace: int = DEFAULT_GRACE  # seconds a snapshot key outlives its logical expiry
+    # Seconds to establish a connection: TCP connect, TLS handshake and Redis's handshake
+    # (HELLO/AUTH) each. A peer that does not answer fails once, fast, instead of waiting
+    # out the read timeout on every retry.
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
         """Environment (TRACKER_*) first, then explicit non-None overrides."""
         grace = env_int("TRACKER_GRACE")
+        connect_timeout = env_seconds("TRACKER_CONNECT_TIMEOUT")
         s = cls(redis_url=os.environ.get("TRACKER_REDIS_URL") or None,
                 prefix=os.environ.get("TRACKER_PREFIX") or "tracker",
                 partitions=env_int("TRACKER_PARTITIONS"),
                 ttl=env_int("TRACKER_TTL"),
-                grace=DEFAULT_GRACE if grace is None else grace)
+                grace=DEFAULT_GRACE if grace is None else grace,
+                connect_timeout=(DEFAULT_CONNECT_TIMEOUT if connect_timeout is None
+                                 else connect_timeout))
         if os.environ.get("TRACKER_DATA_DIR"):
             s.data_dir = Path(os.environ["TRACKER_DATA_DIR"])
         for k, v in overrides.items():
@@ -98,6 +116,9 @@ class Settings:
             raise ConfigError(f"ttl: expected 1..10000000 seconds, got {self.ttl}")
         if not 0 <= self.grace <= 10**7:
             raise ConfigError(f"grace: expected 0..10000000 seconds, got {self.grace}")
+        if not 0 < self.connect_timeout <= 600:
+            raise ConfigError(f"connect-timeout: expected more than 0 and at most 600 seconds, "
+                              f"got {self.connect_timeout:g}")
         if self.redis_url is not None and not re.match(r"(rediss?|unix)://", self.redis_url):
             raise ConfigError(f"redis-url: expected redis://, rediss:// or unix://, "
                               f"got {redact(self.redis_url)!r}")
