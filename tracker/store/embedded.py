@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import importlib.util
+import logging
 import os
 import shutil
 import subprocess
@@ -25,6 +26,8 @@ from pathlib import Path
 import redis
 
 from tracker.errors import ConfigError, RedisUnavailable
+
+log = logging.getLogger(__name__)
 
 
 def default_data_dir() -> Path:
@@ -70,11 +73,16 @@ def watch_interval() -> float:
 
 
 def _start_watchdog(data_dir: Path, sock: Path, interval: float) -> None:
-    """Detached (own session, no inherited descriptors, cwd /), so it outlives this
-    process like the server does and keeps no directory busy."""
-    subprocess.Popen([sys.executable, "-I", "-S", str(WATCHDOG), str(data_dir), str(sock),
-                      str(interval)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL, cwd="/", start_new_session=True, close_fds=True)
+    """The script forks and detaches (its own session, no inherited descriptors, cwd /),
+    so it outlives this process as the server does and keeps no directory busy; the
+    process started here exits at once and is waited for."""
+    try:
+        subprocess.run([sys.executable, "-I", "-S", str(WATCHDOG), str(data_dir), str(sock),
+                        str(interval)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, cwd="/", close_fds=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:  # the server runs fine without it
+        log.warning("could not start the embedded Redis's watchdog (%s): a deleted %s will "
+                    "not stop the server", e, data_dir)
 
 
 def running(data_dir: Path) -> bool:

@@ -1,7 +1,7 @@
 """Shut the embedded Redis down once its data directory or its socket is gone.
 
-``tracker.store.embedded`` starts this script, detached, beside each server it
-starts (``python -I -S watchdog.py DATA_DIR SOCKET INTERVAL``). A server whose
+``tracker.store.embedded`` starts this script beside each server it starts
+(``python -I -S watchdog.py DATA_DIR SOCKET INTERVAL``); it forks and detaches. A server whose
 directory was deleted would otherwise run forever: nothing can reach it, and a
 new server started in a recreated directory would share nothing with it.
 
@@ -74,6 +74,9 @@ def watch(data_dir: str, sock_path: str, interval: float) -> int:
 
 def main(argv: list[str]) -> int:
     data_dir, sock_path, interval = argv[1], argv[2], float(argv[3])
+    if os.fork():  # the starter waits for this parent, so no zombie is left behind it
+        return 0
+    os.setsid()  # the watchdog itself: in its own session, like the daemonized server
     return watch(data_dir, sock_path, max(interval, 0.05))
 
 
