@@ -15,6 +15,7 @@ from typing import Any
 import redis
 
 from tracker.errors import RedisUnavailable
+from tracker.store.connection import ConnectTimeout
 from tracker.store.settings import Settings, hide_password
 
 
@@ -28,6 +29,9 @@ def unavailable(settings: Settings, err: BaseException) -> RedisUnavailable:
         return RedisUnavailable(f"the Redis user at {where} lacks a permission: {text}. "
                                 "See the README's least-privilege section.")
     text = text.rstrip(".")
+    if isinstance(err, ConnectTimeout) or isinstance(err.__cause__, ConnectTimeout):
+        return RedisUnavailable(f"cannot use Redis at {where}: {text}. Check the URL's host, "
+                                "port and scheme, or raise TRACKER_CONNECT_TIMEOUT.")
     if isinstance(err, (redis.ConnectionError, redis.TimeoutError)):
         return RedisUnavailable(f"cannot use Redis at {where}: {text}. Is it running? "
                                 "Set --redis-url or TRACKER_REDIS_URL.")
