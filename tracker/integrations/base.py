@@ -1,0 +1,308 @@
+"""Publishing from inside a job library without ever breaking a job.
+
+``SafePublisher`` wraps a ``Tracker`` for the integrations' hooks:
+
+* it connects lazily, in the process that publishes (a worker after its fork),
+  from ``Tracker.connect(url)`` or the ``TRACKER_*`` environment, and waits at
+  most a moment for that connection: the attempt goes on in a thread;
+* the Tracker it makes itself gets short timeouts (connect 0.5 s, reply 1 s, one
+  immediate retry) so an unreachable tracker costs a job milliseconds, not the
+  redis-py defaults' seconds;
+* when publishing fails it logs one warning for the outage, counts every event it
+  could not publish (``dropped``) and stops trying for a while (1 s, doubling up to
+  30 s), so a job under an outage pays nothing; the next success logs the end of
+  the outage with the count;
+* an event the tracker refuses (a job ID with a space, say) is counted as
+  ``invalid`` and logged once per field, and the job goes on.
+
+Only errors of the tracker's own making are caught (``TrackerError``, Redis and
+socket errors): a job library's timeout exception raised while we publish still
+reaches the library.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+import weakref
+from typing import Any, Callable, Optional
+
+import redis
+
+from tracker.errors import TrackerError, ValidationError
+
+log = logging.getLogger("tracker.integrations")
+
+CONNECT_TIMEOUT = 0.5  # seconds, for a socket connect to the tracker's Redis
+SOCKET_TIMEOUT = 1.0  # seconds, for a reply
+FIRST_WAIT = 2.0  # seconds a job waits for the first connection of its process
+PROBE_WAIT = 0.5  # ... and for a reconnection during an outage
+PROBE_MIN, PROBE_MAX = 1.0, 30.0  # seconds between attempts during an outage
+
+_CAUGHT = (TrackerError, redis.RedisError, OSError)
+_instances: "weakref.WeakSet[SafePublisher]" = weakref.WeakSet()
+
+
+def connect(url: Optional[str] = None, connect_timeout: float = CONNECT_TIMEOUT,
+            socket_timeout: float = SOCKET_TIMEOUT, **settings):
+    """``Tracker.connect(url, **settings)`` with the short timeouts the integrations use.
+
+    Pass the result as ``tracker=`` to keep a job quick when this tracker is down.
+    """
+    from tracker import Tracker
+
+    t = Tracker.connect(url, **settings)
+    shorten_timeouts(t, connect_timeout, socket_timeout)
+    return t
+
+
+def shorten_timeouts(tracker, connect_timeout: float = CONNECT_TIMEOUT,
+                     socket_timeout: float = SOCKET_TIMEOUT) -> None:
+    """Give the Tracker's Redis client short timeouts and a single immediate retry."""
+    try:
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        client = tracker.deployment.client
+        pool = client.connection_pool
+        pool.connection_kwargs.update(socket_connect_timeout=connect_timeout,
+                                      socket_timeout=socket_timeout)
+        retry = Retry(NoBackoff(), 1)
+        if hasattr(client, "set_retry"):
+            client.set_retry(retry)
+        else:  # older redis-py: the retry policy is a connection argument
+            pool.connection_kwargs["retry"] = retry
+        pool.disconnect()
+        pool.reset()  # connections are made anew, with the settings above
+    except Exception as e:  # keep the defaults; the outage breaker still bounds the cost
+        log.debug("tracker: could not shorten the Redis timeouts: %r", e)
+
+
+def _seconds(value: Any) -> Optional[int]:
+    """A reservation in whole seconds, or None for the tracker's default (1800 s)."""
+    try:
+        if value is None or isinstance(value, bool) or value <= 0:
+            return None
+        return int(math.ceil(value))
+    except TypeError:
+        return None
+
+
+def _name(value: Any) -> Optional[str]:
+    """A queue or job type name the tracker accepts: printable, at most 200 bytes."""
+    if value is None:
+        return None
+    text = "".join(c if c.isprintable() else "?" for c in str(value))
+    return text.encode("utf-8", "replace")[:200].decode("utf-8", "ignore") or None
+
+
+def error_fields(exc: Optional[BaseException], default: str = "Error") -> tuple[str, str]:
+    """(errtype, message) for a failure event, as Faktory's FAIL carries them."""
+    if exc is None:
+        return default, ""
+    return type(exc).__name__, str(exc)
+
+
+class SafePublisher:
+    """Publishes lifecycle events and progress; never raises for the tracker's sake.
+
+    ``published``, ``dropped`` (not published: the tracker was unreachable) and
+    ``invalid`` (refused by validation) count events; ``outages`` counts outages.
+    """
+
+    def __init__(self, tracker=None, *, url: Optional[str] = None,
+                 connect_timeout: float = CONNECT_TIMEOUT,
+                 socket_timeout: float = SOCKET_TIMEOUT):
+        self._tracker = tracker
+        self.url = url
+        self.connect_timeout = connect_timeout
+        self.socket_timeout = socket_timeout
+        self.published = self.dropped = self.invalid = self.outages = 0
+        self._lock = threading.Lock()
+        self._connecting: Optional[threading.Thread] = None
+        self._connect_error: Optional[BaseException] = None
+        self._ever_connected = tracker is not None
+        self._down_since: Optional[float] = None
+        self._dropped_before = 0
+        self._next_probe = 0.0
+        self._probe_every = PROBE_MIN
+        self._warned_fields: set[str] = set()
+        _instances.add(self)
+
+    def stats(self) -> dict:
+        return {"published": self.published, "dropped": self.dropped,
+                "invalid": self.invalid, "outages": self.outages,
+                "down": self._down_since is not None}
+
+    # ------------------------------------------------------------------ connection
+    def _connect(self) -> None:
+        try:
+            t = connect(self.url, self.connect_timeout, self.socket_timeout)
+        except BaseException as e:  # noqa: BLE001 - reported by the waiting publisher
+            self._connect_error = e
+            return
+        self._connect_error = None
+        self._tracker = t
+
+    def tracker(self, wait: Optional[float] = None):
+        """The Tracker, connecting if needed; waits at most ``wait`` seconds for it."""
+        t = self._tracker
+        if t is not None:
+            return t
+        with self._lock:
+            th = self._connecting
+            if self._tracker is None and (th is None or not th.is_alive()):
+                self._connect_error = None
+                th = threading.Thread(target=self._connect, name="tracker-connect", daemon=True)
+                self._connecting = th
+                th.start()
+        if wait is None:
+            wait = PROBE_WAIT if self._ever_connected or self.outages else FIRST_WAIT
+        th.join(wait)
+        t = self._tracker
+        if t is None:
+            err = self._connect_error
+            if err is None:
+                raise TrackerError(f"no connection to the tracker's Redis within {wait:g}s")
+            if isinstance(err, _CAUGHT):
+                raise err
+            raise TrackerError(f"cannot connect to the tracker's Redis: {err!r}")
+        self._ever_connected = True
+        return t
+
+    def warm(self) -> None:
+        """Connect now if possible (a worker parent before it forks); never raises."""
+        self._run(0, lambda t: None)
+
+    # ------------------------------------------------------------------- publishing
+    def _run(self, n: int, publish: Callable[[Any], Any]) -> bool:
+        now = time.monotonic()
+        if self._down_since is not None and now < self._next_probe:
+            with self._lock:
+                self.dropped += n
+            return False
+        try:
+            publish(self.tracker())
+        except ValidationError as e:
+            self._refused(n, e)
+            return False
+        except _CAUGHT as e:
+            self._failed(n, e, now)
+            return False
+        with self._lock:
+            self.published += n
+            if self._down_since is not None:
+                lost = self.dropped - self._dropped_before
+                log.warning("tracker: publishing again after %.1fs; %d events were dropped "
+                            "during the outage", now - self._down_since, lost)
+                self._down_since = None
+        return True
+
+    def _failed(self, n: int, err: BaseException, now: float) -> None:
+        with self._lock:
+            self.dropped += n
+            if self._down_since is None:
+                self._down_since = now
+                self._dropped_before = self.dropped - n
+                self.outages += 1
+                self._probe_every = PROBE_MIN
+                log.warning("tracker: cannot publish job events (%s); jobs go on, and events "
+                            "are dropped and counted until the tracker's Redis answers again",
+                            str(err).rstrip(".") or type(err).__name__)
+            else:
+                self._probe_every = min(self._probe_every * 2, PROBE_MAX)
+            self._next_probe = now + self._probe_every
+
+    def _refused(self, n: int, err: ValidationError) -> None:
+        with self._lock:
+            self.invalid += n
+            first = err.field not in self._warned_fields
+            self._warned_fields.add(err.field)
+        if first:
+            log.warning("tracker: an event was not published: %s (further events refused for "
+                        "this field are only counted)", err)
+
+    # One method per lifecycle event; each returns True once the event is appended.
+    def enqueued(self, jid: str, queue: Any = None, jobtype: Any = None,
+                 reserve_for: Any = None, track: Any = 1) -> bool:
+        custom = {"track": track}
+        return self._run(1, lambda t: t.publisher.enqueued(
+            jid, custom=custom, queue=_name(queue), jobtype=_name(jobtype),
+            reserve_for=_seconds(reserve_for)))
+
+    def working(self, jid: str, reserve_for: Any = None) -> bool:
+        return self._run(1, lambda t: t.publisher.working(jid, reserve_for=_seconds(reserve_for)))
+
+    def success(self, jid: str) -> bool:
+        return self._run(1, lambda t: t.publisher.success(jid))
+
+    def failed(self, jid: str, errtype: str, message: str) -> bool:
+        return self._run(1, lambda t: t.publisher.failed(jid, errtype=errtype, message=message))
+
+    def dead(self, jid: str, errtype: str, message: str) -> bool:
+        return self._run(1, lambda t: t.publisher.dead(jid, errtype=errtype, message=message))
+
+    def retrying(self, jid: str, errtype: str, message: str, requeued: bool, queue: Any = None,
+                 jobtype: Any = None, reserve_for: Any = None, track: Any = 1) -> bool:
+        """FAIL with retries left: ``failed``, and when the retry is back in its queue at once,
+        ``enqueued`` too (one round trip, in that order)."""
+        if not requeued:
+            return self.failed(jid, errtype, message)
+
+        def publish(t):
+            with t.publisher.batch() as b:
+                b.failed(jid, errtype=errtype, message=message)
+                b.enqueued(jid, custom={"track": track}, queue=_name(queue),
+                           jobtype=_name(jobtype), reserve_for=_seconds(reserve_for))
+        return self._run(2, publish)
+
+    def set(self, jid: str, percent: Any = None, desc: Any = None, reserve_until: Any = None,
+            publish: bool = True) -> bool:
+        """TRACK SET. Bad input raises ``ValidationError`` (the caller's bug, reported even
+        while the tracker is down); an unreachable tracker only returns False."""
+        from tracker import events
+
+        events.make_trackset("x", percent, desc, reserve_until)  # the fields; a JID the job
+        if not publish:                                          # library chose is no caller bug
+            return False
+        return self._run(1, lambda t: t.set(jid, percent=percent, desc=desc,
+                                            reserve_until=reserve_until))
+
+
+def _reinit_after_fork() -> None:
+    # A lock held by another thread at fork time would stay held in the child.
+    for p in list(_instances):
+        p._lock = threading.Lock()
+        p._connecting = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_after_fork)
+
+
+_shared: dict[tuple, SafePublisher] = {}
+_by_tracker: "weakref.WeakKeyDictionary[Any, SafePublisher]" = weakref.WeakKeyDictionary()
+_shared_lock = threading.Lock()
+
+
+def publisher_for(tracker=None) -> SafePublisher:
+    """The SafePublisher for ``tracker``: one per Tracker object, and for None one per
+    process and environment (``TRACKER_REDIS_URL``, ``TRACKER_PREFIX``, ...), connected
+    lazily."""
+    if isinstance(tracker, SafePublisher):
+        return tracker
+    with _shared_lock:
+        if tracker is not None:
+            p = _by_tracker.get(tracker)
+            if p is None:
+                p = _by_tracker[tracker] = SafePublisher(tracker)
+            return p
+        key = tuple(os.environ.get(k) for k in ("TRACKER_REDIS_URL", "TRACKER_PREFIX",
+                                                 "TRACKER_DATA_DIR", "TRACKER_PARTITIONS"))
+        p = _shared.get(key)
+        if p is None:
+            p = _shared[key] = SafePublisher()
+        return p
