@@ -166,9 +166,6 @@ class TrackingMixin:
     """The hooks, for any ``rq.worker.BaseWorker`` subclass (see ``TrackedWorker``)."""
 
     def __init__(self, *args, tracker=None, **kwargs):
-        qc = kwargs.get("queue_class")
-        if qc is None or qc is Queue or qc == "rq.Queue":
-            kwargs["queue_class"] = TrackedQueue  # so re-enqueued dependents are announced
         super().__init__(*args, **kwargs)
         self.tracking = publisher_for(tracker)
         self._tracker_errors: dict[str, tuple[str, str]] = {}
