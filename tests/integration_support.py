@@ -154,6 +154,10 @@ class Run:
         """Let a job blocked on its gate go on."""
         self.broker.rpush(self.key("gate", jid), 1)
 
+    def attempts(self, jid: str) -> int:
+        """How many attempts of the job have started (the jobs count them)."""
+        return int(self.broker.get(self.key("attempt", jid)) or 0)
+
     def done(self, jid: str) -> bool:
         return bool(self.broker.exists(self.key("done", jid)))
 
@@ -195,7 +199,7 @@ import os, time
 import redis
 import tracker
 
-BROKER = redis.Redis.from_url(os.environ["ITEST_BROKER_REDIS"])
+BROKER = redis.Redis.from_url(os.environ["ITEST_BROKER_REDIS"], socket_timeout=60)
 TOKEN = os.environ["ITEST_TOKEN"]
 
 

@@ -141,6 +141,7 @@ def test_progress_then_success(celery_world):
 def test_fails_once_then_succeeds_on_retry(celery_world):
     run, mod, worker = celery_world
     c = send(run, mod.flaky)
+    wait_for("the second attempt", lambda: run.attempts(c) == 2, worker=worker)
     t = run.wait_state(c, "working", worker, percent=10)  # the retry runs, blocked on its gate
     assert t["desc"] == "try 1"  # the first attempt's progress stays
     assert run.events(c) == ["enqueued", "working", "trackset", "failed", "enqueued", "working"]

@@ -123,6 +123,7 @@ def test_progress_then_success(dramatiq_world):
 def test_fails_once_then_succeeds_on_retry(dramatiq_world):
     run, mod, worker = dramatiq_world
     c = send(run, mod.flaky)
+    wait_for("the second attempt", lambda: run.attempts(c) == 2, worker=worker)
     t = run.wait_state(c, "working", worker, percent=10)  # the retry, blocked on its gate
     assert t["desc"] == "try 1"
     assert run.events(c) == ["enqueued", "working", "trackset", "failed", "enqueued", "working"]

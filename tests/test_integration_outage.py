@@ -96,11 +96,13 @@ def test_a_tracker_that_never_answers_costs_a_bounded_wait(monkeypatch, caplog):
     try:
         pub = base.SafePublisher(url=f"redis://127.0.0.1:{listener.getsockname()[1]}/0")
         started = time.monotonic()
-        for i in range(200):
-            assert pub.working(f"hung-{i}") is False
+        for i in range(100):
+            assert pub.enqueued(f"hung-{i}", queue="q") is False  # what a producer waits for
+            pub.working(f"hung-{i}")  # deferred: a worker never waits for it
         elapsed = time.monotonic() - started
         # one wait for the first connection (FIRST_WAIT, 2 s), then the breaker skips
         assert elapsed < base.FIRST_WAIT + 2, f"200 events took {elapsed:.2f}s"
+        assert pub.flush()
         assert pub.stats()["dropped"] == 200 and pub.stats()["published"] == 0
         assert len(messages(caplog, DOWN)) == 1
     finally:
@@ -117,7 +119,7 @@ def test_publishing_resumes_when_the_tracker_comes_back(monkeypatch, caplog):
     url = f"redis://127.0.0.1:{port}/0"
     pub = base.SafePublisher(url=url)
     assert pub.enqueued("back-1", queue="q", jobtype="T") is False  # down: dropped
-    assert pub.working("back-1") is False
+    pub.working("back-1")  # deferred; dropped by the sender (or at once, within the backoff)
     server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                "--appendonly", "no"], stdout=subprocess.DEVNULL)
     try:
@@ -125,11 +127,14 @@ def test_publishing_resumes_when_the_tracker_comes_back(monkeypatch, caplog):
         ok = wait_for("publishing to resume",
                       lambda: pub.enqueued("back-2", queue="q", jobtype="T"), every=0.1)
         assert ok and pub.working("back-2") and pub.set("back-2", 30, "resumed")
+        assert pub.flush()
         assert len(messages(caplog, DOWN)) == 1
         back = messages(caplog, BACK)
         assert len(back) == 1 and "events were dropped" in back[0], caplog.text
         stats = pub.stats()
-        assert stats["published"] == 3 and stats["dropped"] >= 2 and stats["outages"] == 1
+        # back-2's three, and back-1's working if the sender got to it after the restart
+        assert stats["published"] in (3, 4) and stats["dropped"] >= 1, stats
+        assert stats["outages"] == 1
         from tracker.projector import Projector
 
         t = pub.tracker()

@@ -118,6 +118,7 @@ def test_fails_once_then_succeeds_on_retry(rq_world):
 
     run, mod, queue, _, worker = rq_world
     c = enqueue(run, queue, f"{mod}.flaky", meta={"track": 1}, retry=Retry(max=1))
+    wait_for("the second attempt", lambda: run.attempts(c) == 2, worker=worker)
     t = run.wait_state(c, "working", worker, percent=10)  # the retry, blocked on its gate
     assert t["desc"] == "try 1"
     assert run.events(c) == ["enqueued", "working", "trackset", "failed", "enqueued", "working"]

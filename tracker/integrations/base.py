@@ -22,13 +22,16 @@ reaches the library.
 
 from __future__ import annotations
 
+import atexit
+import collections
+import inspect
 import logging
 import math
 import os
 import threading
 import time
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import redis
 
@@ -41,6 +44,10 @@ SOCKET_TIMEOUT = 1.0  # seconds, for a reply
 FIRST_WAIT = 2.0  # seconds a job waits for the first connection of its process
 PROBE_WAIT = 0.5  # ... and for a reconnection during an outage
 PROBE_MIN, PROBE_MAX = 1.0, 30.0  # seconds between attempts during an outage
+MAX_PENDING = 10_000  # deferred events waiting for the sender; beyond, they are dropped
+FLUSH_TIMEOUT = 5.0  # seconds flush() waits for them at most
+BATCH_WINDOW = 0.005  # seconds the sender lets deferred events gather into one round trip
+BATCH_MAX = 500  # ... or until this many are waiting
 
 _CAUGHT = (TrackerError, redis.RedisError, OSError)
 _instances: "weakref.WeakSet[SafePublisher]" = weakref.WeakSet()
@@ -68,8 +75,18 @@ def shorten_timeouts(tracker, connect_timeout: float = CONNECT_TIMEOUT,
 
         client = tracker.deployment.client
         pool = client.connection_pool
-        pool.connection_kwargs.update(socket_connect_timeout=connect_timeout,
-                                      socket_timeout=socket_timeout)
+        kw = pool.connection_kwargs
+        kw.update(socket_connect_timeout=connect_timeout, socket_timeout=socket_timeout)
+        for name, value in (("orig_socket_connect_timeout", connect_timeout),
+                            ("orig_socket_timeout", socket_timeout)):
+            if name in kw:  # what redis-py restores after a maintenance event
+                kw[name] = value
+        # No CLIENT SETINFO round trips on each new connection (a forked work horse makes one).
+        params = inspect.signature(pool.connection_class.__init__).parameters
+        if "driver_info" in params:
+            kw["driver_info"] = None
+        elif "lib_name" in params:
+            kw.update(lib_name=None, lib_version=None)
         retry = Retry(NoBackoff(), 1)
         if hasattr(client, "set_retry"):
             client.set_retry(retry)
@@ -109,8 +126,18 @@ def error_fields(exc: Optional[BaseException], default: str = "Error") -> tuple[
 class SafePublisher:
     """Publishes lifecycle events and progress; never raises for the tracker's sake.
 
-    ``published``, ``dropped`` (not published: the tracker was unreachable) and
-    ``invalid`` (refused by validation) count events; ``outages`` counts outages.
+    ``published``, ``dropped`` (not published: the tracker was unreachable, or the
+    deferred queue was full) and ``invalid`` (refused by validation) count events;
+    ``outages`` counts outages.
+
+    Events whose order only matters within this process (``working``, progress,
+    ``success``: what a worker says about the job it runs) are *deferred*: a sender
+    thread appends them, in order and several per round trip, so the job does not
+    wait for the tracker's Redis. Every other event is published before the call
+    returns, after whatever is deferred (so this process's events keep their order):
+    ``enqueued`` and a retry's ``failed`` must be in the log before the job library
+    makes the job visible to another worker. ``flush()`` waits for the deferred ones
+    (the integrations call it before a process exits).
     """
 
     def __init__(self, tracker=None, *, url: Optional[str] = None,
@@ -130,12 +157,20 @@ class SafePublisher:
         self._next_probe = 0.0
         self._probe_every = PROBE_MIN
         self._warned_fields: set[str] = set()
+        self._init_sender()
         _instances.add(self)
+
+    def _init_sender(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._pending: collections.deque = collections.deque()
+        self._sending = False
+        self._hurry = False
+        self._sender: Optional[threading.Thread] = None
 
     def stats(self) -> dict:
         return {"published": self.published, "dropped": self.dropped,
                 "invalid": self.invalid, "outages": self.outages,
-                "down": self._down_since is not None}
+                "down": self._down_since is not None, "pending": len(self._pending)}
 
     # ------------------------------------------------------------------ connection
     def _connect(self) -> None:
@@ -175,30 +210,115 @@ class SafePublisher:
 
     def warm(self) -> None:
         """Connect now if possible (a worker parent before it forks); never raises."""
-        self._run(0, lambda t: None)
+        self._publish([])
 
     # ------------------------------------------------------------------- publishing
-    def _run(self, n: int, publish: Callable[[Any], Any]) -> bool:
-        now = time.monotonic()
-        if self._down_since is not None and now < self._next_probe:
+    def _breaker_open(self, n: int) -> bool:
+        if self._down_since is not None and time.monotonic() < self._next_probe:
             with self._lock:
                 self.dropped += n
-            return False
+            return True
+        return False
+
+    def _publish(self, evs: list) -> bool:
+        """Append ``evs`` ((method, args, kwargs) of the Publisher's batch) in one round
+        trip; count the outcome. True when all were appended."""
+        n = len(evs)
+        now = time.monotonic()
+        invalid = 0
         try:
-            publish(self.tracker())
+            t = self.tracker()
+            if n == 1:
+                name, args, kw = evs[0]
+                getattr(t if name == "set" else t.publisher, name)(*args, **kw)
+            elif n:
+                with t.publisher.batch() as b:
+                    for name, args, kw in evs:
+                        try:
+                            getattr(b, name)(*args, **kw)
+                        except ValidationError as e:  # this one is refused, the others go
+                            invalid += 1
+                            self._refused(e)
         except ValidationError as e:
-            self._refused(n, e)
+            self._refused(e)
             return False
         except _CAUGHT as e:
-            self._failed(n, e, now)
+            self._failed(n - invalid, e, now)
             return False
         with self._lock:
-            self.published += n
+            self.published += n - invalid
             if self._down_since is not None:
                 lost = self.dropped - self._dropped_before
                 log.warning("tracker: publishing again after %.1fs; %d events were dropped "
                             "during the outage", now - self._down_since, lost)
                 self._down_since = None
+        return not invalid
+
+    def _now(self, *evs) -> bool:
+        """Publish before returning, after this process's deferred events."""
+        if self._breaker_open(len(evs)):
+            return False
+        if self._pending or self._sending:
+            self.flush()
+        return self._publish(list(evs))
+
+    def _later(self, ev) -> bool:
+        """Queue for the sender thread; True when queued."""
+        if self._breaker_open(1):
+            return False
+        with self._cond:
+            if len(self._pending) >= MAX_PENDING:
+                with self._lock:
+                    self.dropped += 1
+                return False
+            self._pending.append(ev)
+            if self._sender is None or not self._sender.is_alive():
+                self._sender = threading.Thread(target=self._send_loop, daemon=True,
+                                                name="tracker-publisher")
+                self._sender.start()
+            elif len(self._pending) == 1:
+                self._cond.notify()  # only the first event wakes the sender
+        return True
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending:
+                    self._cond.wait()
+                # Let a few more events come (a job's working and success, the next job's
+                # working...) so they share a round trip and the job does not share the GIL
+                # with a sender woken per event; flush() cuts the wait short.
+                deadline = time.monotonic() + BATCH_WINDOW
+                while (not self._hurry and len(self._pending) < BATCH_MAX
+                       and (left := deadline - time.monotonic()) > 0):
+                    self._cond.wait(left)
+                evs = list(self._pending)
+                self._pending.clear()
+                self._sending = True
+            try:
+                if not self._breaker_open(len(evs)):
+                    self._publish(evs)
+            except BaseException:  # noqa: BLE001 - never let the sender die silently
+                log.exception("tracker: deferred events lost")
+            finally:
+                with self._cond:
+                    self._sending = False
+                    self._cond.notify_all()
+
+    def flush(self, timeout: float = FLUSH_TIMEOUT) -> bool:
+        """Wait (at most ``timeout`` s) until the deferred events are published or dropped."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._hurry = True
+            self._cond.notify_all()
+            try:
+                while self._pending or self._sending:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._cond.wait(left)
+            finally:
+                self._hurry = False
         return True
 
     def _failed(self, n: int, err: BaseException, now: float) -> None:
@@ -216,67 +336,77 @@ class SafePublisher:
                 self._probe_every = min(self._probe_every * 2, PROBE_MAX)
             self._next_probe = now + self._probe_every
 
-    def _refused(self, n: int, err: ValidationError) -> None:
+    def _refused(self, err: ValidationError) -> None:
         with self._lock:
-            self.invalid += n
+            self.invalid += 1
             first = err.field not in self._warned_fields
             self._warned_fields.add(err.field)
         if first:
             log.warning("tracker: an event was not published: %s (further events refused for "
                         "this field are only counted)", err)
 
-    # One method per lifecycle event; each returns True once the event is appended.
+    # One method per lifecycle event. Each returns True once the event is appended
+    # (deferred ones: once queued), False when it was dropped or refused.
     def enqueued(self, jid: str, queue: Any = None, jobtype: Any = None,
                  reserve_for: Any = None, track: Any = 1) -> bool:
-        custom = {"track": track}
-        return self._run(1, lambda t: t.publisher.enqueued(
-            jid, custom=custom, queue=_name(queue), jobtype=_name(jobtype),
-            reserve_for=_seconds(reserve_for)))
+        return self._now(("enqueued", (jid,), dict(
+            custom={"track": track}, queue=_name(queue), jobtype=_name(jobtype),
+            reserve_for=_seconds(reserve_for))))
 
-    def working(self, jid: str, reserve_for: Any = None) -> bool:
-        return self._run(1, lambda t: t.publisher.working(jid, reserve_for=_seconds(reserve_for)))
+    def working(self, jid: str, reserve_for: Any = None, wait: bool = False) -> bool:
+        """Deferred, unless ``wait``: another process will publish this job's next events."""
+        ev = ("working", (jid,), {"reserve_for": _seconds(reserve_for)})
+        return self._now(ev) if wait else self._later(ev)
 
     def success(self, jid: str) -> bool:
-        return self._run(1, lambda t: t.publisher.success(jid))
+        return self._later(("success", (jid,), {}))
 
     def failed(self, jid: str, errtype: str, message: str) -> bool:
-        return self._run(1, lambda t: t.publisher.failed(jid, errtype=errtype, message=message))
+        return self._now(("failed", (jid,), {"errtype": errtype, "message": message}))
 
     def dead(self, jid: str, errtype: str, message: str) -> bool:
-        return self._run(1, lambda t: t.publisher.dead(jid, errtype=errtype, message=message))
+        return self._now(("dead", (jid,), {"errtype": errtype, "message": message}))
 
     def retrying(self, jid: str, errtype: str, message: str, requeued: bool, queue: Any = None,
                  jobtype: Any = None, reserve_for: Any = None, track: Any = 1) -> bool:
         """FAIL with retries left: ``failed``, and when the retry is back in its queue at once,
         ``enqueued`` too (one round trip, in that order)."""
+        failed = ("failed", (jid,), {"errtype": errtype, "message": message})
         if not requeued:
-            return self.failed(jid, errtype, message)
-
-        def publish(t):
-            with t.publisher.batch() as b:
-                b.failed(jid, errtype=errtype, message=message)
-                b.enqueued(jid, custom={"track": track}, queue=_name(queue),
-                           jobtype=_name(jobtype), reserve_for=_seconds(reserve_for))
-        return self._run(2, publish)
+            return self._now(failed)
+        return self._now(failed, ("enqueued", (jid,), dict(
+            custom={"track": track}, queue=_name(queue), jobtype=_name(jobtype),
+            reserve_for=_seconds(reserve_for))))
 
     def set(self, jid: str, percent: Any = None, desc: Any = None, reserve_until: Any = None,
             publish: bool = True) -> bool:
-        """TRACK SET. Bad input raises ``ValidationError`` (the caller's bug, reported even
-        while the tracker is down); an unreachable tracker only returns False."""
+        """TRACK SET (deferred). Bad input raises ``ValidationError`` (the caller's bug,
+        reported even while the tracker is down); an unreachable tracker only returns False."""
         from tracker import events
 
         events.make_trackset("x", percent, desc, reserve_until)  # the fields; a JID the job
         if not publish:                                          # library chose is no caller bug
             return False
-        return self._run(1, lambda t: t.set(jid, percent=percent, desc=desc,
-                                            reserve_until=reserve_until))
+        return self._later(("set", (jid,), {"percent": percent, "desc": desc,
+                                            "reserve_until": reserve_until}))
+
+
+def flush_all(timeout: float = FLUSH_TIMEOUT) -> None:
+    """Wait for every publisher's deferred events (at process exit)."""
+    for p in list(_instances):
+        p.flush(timeout)
+
+
+atexit.register(flush_all)
 
 
 def _reinit_after_fork() -> None:
-    # A lock held by another thread at fork time would stay held in the child.
+    # A lock held by another thread at fork time would stay held in the child, and the
+    # parent's deferred events are the parent's to send.
     for p in list(_instances):
         p._lock = threading.Lock()
         p._connecting = None
+        p._init_sender()
 
 
 if hasattr(os, "register_at_fork"):

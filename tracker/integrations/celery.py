@@ -49,6 +49,7 @@ class CeleryTracking:
     def __init__(self, app, publisher: SafePublisher):
         self.app = app
         self.publisher = publisher
+        self._default_limit: Any = False  # app.conf.task_time_limit, read once
 
     # -------------------------------------------------------------------- helpers
     def _task(self, name: Optional[str]):
@@ -69,8 +70,14 @@ class CeleryTracking:
 
     def _time_limit(self, task, request=None) -> Any:
         limits = getattr(request, "timelimit", None) or (None, None)
-        return (limits[0] or getattr(task, "time_limit", None)
-                or self.app.conf.task_time_limit)
+        if limits[0]:
+            return limits[0]
+        limit = getattr(task, "time_limit", None)
+        if limit is None:
+            limit = self._default_limit
+            if limit is False:
+                limit = self._default_limit = self.app.conf.task_time_limit
+        return limit
 
     # ------------------------------------------------------------------- handlers
     def on_publish(self, sender=None, headers=None, routing_key=None, **_):
@@ -136,8 +143,13 @@ class CeleryTracking:
             why = "terminated" if terminated else "expired" if expired else "revoked"
             self.publisher.dead(request.id, "TaskRevokedError", why)
 
+    def on_process_shutdown(self, **_):
+        self.publisher.flush()  # a pool process may leave by os._exit: atexit would not run
+
     def connect(self) -> None:
         uid = f"tracker-{id(self.app)}"
+        signals.worker_process_shutdown.connect(self.on_process_shutdown, weak=False,
+                                                dispatch_uid=uid)
         signals.before_task_publish.connect(self.on_publish, weak=False, dispatch_uid=uid)
         signals.task_prerun.connect(self.on_prerun, weak=False, dispatch_uid=uid)
         signals.task_postrun.connect(self.on_postrun, weak=False, dispatch_uid=uid)
@@ -148,7 +160,8 @@ class CeleryTracking:
     def disconnect(self) -> None:
         uid = f"tracker-{id(self.app)}"
         for sig in (signals.before_task_publish, signals.task_prerun, signals.task_postrun,
-                    signals.task_success, signals.task_failure, signals.task_revoked):
+                    signals.task_success, signals.task_failure, signals.task_revoked,
+                    signals.worker_process_shutdown):
             sig.disconnect(dispatch_uid=uid)
         _installed.pop(id(self.app), None)
 

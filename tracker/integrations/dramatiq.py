@@ -6,8 +6,8 @@ the broker's middleware). Opt in per actor with ``track=True``, or per message w
 
 | hook | event |
 |---|---|
-| ``after_enqueue`` (a send, or a delayed message reaching its queue) | ``enqueued`` |
-| ``after_enqueue`` of a retry into the delay queue (``Retries`` middleware) | ``failed``: a retry follows after the backoff; ``enqueued`` comes when it is due |
+| ``before_enqueue`` (a send, or a delayed message reaching its queue) | ``enqueued`` |
+| ``before_enqueue`` of a retry into the delay queue (``Retries`` middleware) | ``failed``: a retry follows after the backoff; ``enqueued`` comes when it is due |
 | ``before_process_message`` | ``working`` (reservation: the actor's ``time_limit``) |
 | ``after_process_message`` without an exception | ``success`` |
 | ``after_nack``: the message goes to the dead-letter queue (retries exhausted, ``throws``, skipped as failed) | ``dead`` |
@@ -93,7 +93,9 @@ class Tracking(Middleware):
         return "Error", ""
 
     # ---------------------------------------------------------------------- hooks
-    def after_enqueue(self, broker, message, delay):
+    def before_enqueue(self, broker, message, delay):
+        # Before, not after: once the message is in Redis a worker may start it, and its
+        # ``working`` must not reach the log ahead of this ``enqueued``.
         track = self._track(broker, message)
         if track is None:
             return
@@ -136,6 +138,9 @@ class Tracking(Middleware):
         self._leave()
         if not message.failed and self._track(broker, message) is not None:
             self.tracking.dead(message.message_id, "SkipMessage", "skipped; it will not run")
+
+    def before_worker_shutdown(self, broker, worker):
+        self.tracking.flush()
 
     def after_nack(self, broker, message):
         if self._track(broker, message) is not None:

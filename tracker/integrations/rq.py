@@ -20,6 +20,7 @@ so the log keeps the contract's order however fast another worker is.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import re
 import threading
 from typing import Any, Optional
@@ -197,19 +198,47 @@ class TrackingMixin:
             else:
                 self.scheduler.start()
 
+    # A forking worker says ``working`` and ``success`` from its long-lived parent, on a
+    # warm connection, so a work horse that reports no progress and does not fail never
+    # connects to the tracker at all.
+    _parent_reports: Optional[str] = None  # the job the parent reports for (seen by the horse)
+
+    def execute_job(self, job, queue):
+        if _track_value(job) is None or isinstance(self, SimpleWorker):
+            return super().execute_job(job, queue)
+        self.tracking.working(job.id, reserve_for=_timeout(job), wait=True)  # before the fork
+        if self._outcome is None:
+            self._outcome = mmap.mmap(-1, 1)  # shared with every horse forked from here
+        self._outcome[0] = 0
+        self._parent_reports = job.id
+        try:
+            super().execute_job(job, queue)
+        finally:
+            self._parent_reports = None
+        if self._outcome[0] == 1:  # the horse's handle_job_success ran to its end
+            self.tracking.success(job.id)
+
+    _outcome: Optional[mmap.mmap] = None
+
     def perform_job(self, job, queue, execution) -> bool:
         tracked = _track_value(job) is not None
-        if tracked:
+        if tracked and self._parent_reports != job.id:
             self.tracking.working(job.id, reserve_for=_timeout(job))
         token = context.enter(job.id, tracked, self.tracking)
         try:
             return super().perform_job(job, queue, execution)
         finally:
             context.leave(token)
+            if tracked:
+                self.tracking.flush()  # a work horse exits right after (os._exit)
 
     def handle_job_success(self, job, queue, started_job_registry, execution):
         super().handle_job_success(job, queue, started_job_registry, execution)
-        if _track_value(job) is not None:
+        if _track_value(job) is None:
+            return
+        if self._parent_reports == job.id and self._outcome is not None:
+            self._outcome[0] = 1  # the parent publishes it, on its warm connection
+        else:
             self.tracking.success(job.id)
 
     def handle_exception(self, job, *exc_info):
