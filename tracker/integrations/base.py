@@ -31,7 +31,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import redis
 
@@ -157,12 +157,14 @@ class SafePublisher:
         self._next_probe = 0.0
         self._probe_every = PROBE_MIN
         self._warned_fields: set[str] = set()
+        self.gate: Optional[Callable[[], None]] = None  # called before the next publish
         self._init_sender()
         _instances.add(self)
 
     def _init_sender(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._pending: collections.deque = collections.deque()
+        self._sent_hooks: list = []
         self._sending = False
         self._hurry = False
         self._sender: Optional[threading.Thread] = None
@@ -226,6 +228,9 @@ class SafePublisher:
         n = len(evs)
         now = time.monotonic()
         invalid = 0
+        if n and self.gate is not None:
+            gate, self.gate = self.gate, None
+            gate()
         try:
             t = self.tracker()
             if n == 1:
@@ -262,16 +267,23 @@ class SafePublisher:
             self.flush()
         return self._publish(list(evs))
 
-    def _later(self, ev) -> bool:
-        """Queue for the sender thread; True when queued."""
+    def _later(self, ev, sent: Optional[Callable[[], None]] = None) -> bool:
+        """Queue for the sender thread; True when queued. ``sent`` is called once the event
+        is published or dropped."""
         if self._breaker_open(1):
+            if sent:
+                sent()
             return False
         with self._cond:
             if len(self._pending) >= MAX_PENDING:
                 with self._lock:
                     self.dropped += 1
+                if sent:
+                    sent()
                 return False
             self._pending.append(ev)
+            if sent:
+                self._sent_hooks.append(sent)
             if self._sender is None or not self._sender.is_alive():
                 self._sender = threading.Thread(target=self._send_loop, daemon=True,
                                                 name="tracker-publisher")
@@ -294,6 +306,8 @@ class SafePublisher:
                     self._cond.wait(left)
                 evs = list(self._pending)
                 self._pending.clear()
+                hooks = list(self._sent_hooks)
+                self._sent_hooks.clear()
                 self._sending = True
             try:
                 if not self._breaker_open(len(evs)):
@@ -301,6 +315,8 @@ class SafePublisher:
             except BaseException:  # noqa: BLE001 - never let the sender die silently
                 log.exception("tracker: deferred events lost")
             finally:
+                for hook in hooks:
+                    hook()
                 with self._cond:
                     self._sending = False
                     self._cond.notify_all()
@@ -353,10 +369,11 @@ class SafePublisher:
             custom={"track": track}, queue=_name(queue), jobtype=_name(jobtype),
             reserve_for=_seconds(reserve_for))))
 
-    def working(self, jid: str, reserve_for: Any = None, wait: bool = False) -> bool:
-        """Deferred, unless ``wait``: another process will publish this job's next events."""
-        ev = ("working", (jid,), {"reserve_for": _seconds(reserve_for)})
-        return self._now(ev) if wait else self._later(ev)
+    def working(self, jid: str, reserve_for: Any = None,
+                sent: Optional[Callable[[], None]] = None) -> bool:
+        """Deferred; ``sent()`` is called once it is published (or dropped), for another
+        process that must publish this job's next events after it."""
+        return self._later(("working", (jid,), {"reserve_for": _seconds(reserve_for)}), sent)
 
     def success(self, jid: str) -> bool:
         return self._later(("success", (jid,), {}))

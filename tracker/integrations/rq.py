@@ -23,6 +23,7 @@ import contextlib
 import mmap
 import re
 import threading
+import time
 from typing import Any, Optional
 
 from rq import Queue
@@ -203,26 +204,43 @@ class TrackingMixin:
     # connects to the tracker at all.
     _parent_reports: Optional[str] = None  # the job the parent reports for (seen by the horse)
 
+    # Shared with every horse forked from the parent: [0] 1 once the horse's job
+    # succeeded, [1] the sequence number of the last job whose ``working`` is out.
+    _outcome: Optional[mmap.mmap] = None
+    _seq = 0
+
     def execute_job(self, job, queue):
         if _track_value(job) is None or isinstance(self, SimpleWorker):
             return super().execute_job(job, queue)
-        self.tracking.working(job.id, reserve_for=_timeout(job), wait=True)  # before the fork
         if self._outcome is None:
-            self._outcome = mmap.mmap(-1, 1)  # shared with every horse forked from here
-        self._outcome[0] = 0
+            self._outcome = mmap.mmap(-1, 2)
+        outcome = self._outcome
+        self._seq = seq = self._seq % 255 + 1
+        outcome[0] = 0
+
+        def sent():
+            outcome[1] = seq
+        self.tracking.working(job.id, reserve_for=_timeout(job), sent=sent)
         self._parent_reports = job.id
         try:
             super().execute_job(job, queue)
         finally:
             self._parent_reports = None
-        if self._outcome[0] == 1:  # the horse's handle_job_success ran to its end
+        if outcome[0] == 1:  # the horse's handle_job_success ran to its end
             self.tracking.success(job.id)
 
-    _outcome: Optional[mmap.mmap] = None
+    def _after_parents_working(self) -> None:
+        """In a horse, before its first event: the parent's ``working`` goes first."""
+        outcome, seq = self._outcome, self._seq
+        deadline = time.monotonic() + 5
+        while outcome[1] != seq and time.monotonic() < deadline:
+            time.sleep(0.001)
 
     def perform_job(self, job, queue, execution) -> bool:
         tracked = _track_value(job) is not None
-        if tracked and self._parent_reports != job.id:
+        if tracked and self._parent_reports == job.id:  # a horse; its parent said working
+            self.tracking.gate = self._after_parents_working
+        elif tracked:
             self.tracking.working(job.id, reserve_for=_timeout(job))
         token = context.enter(job.id, tracked, self.tracking)
         try:
