@@ -38,9 +38,13 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import redis  # noqa: E402
+import redis
+from _benchlib import PrivateRedis
+from rq import Queue
 
-from _benchlib import PrivateRedis  # noqa: E402
+from tracker import Tracker
+from tracker.integrations.rq import TrackedQueue
+from tracker.projector import Projector
 
 APP = '''
 import os, time
@@ -92,8 +96,6 @@ class Bench:
         (self.dir / "bench_celery_app.py").write_text(textwrap.dedent(CELERY_APP))
         self.prefix = f"bi{uuid.uuid4().hex[:8]}"
         self.r = redis.Redis.from_url(self.broker.url)
-        from tracker import Tracker
-
         self.tracker = Tracker.connect(self.tracker_redis.url, prefix=self.prefix)
         self.env = dict(os.environ, BENCH_BROKER=self.broker.url,
                         TRACKER_REDIS_URL=self.tracker_redis.url, TRACKER_PREFIX=self.prefix,
@@ -107,8 +109,6 @@ class Bench:
         self.tracker_redis.stop()
 
     def folded(self) -> int:
-        from tracker.projector import Projector
-
         return Projector(self.tracker.deployment, consumer="bench").drain()
 
     def _times(self, token: str, proc: subprocess.Popen, timeout: float = 600) -> float:
@@ -125,10 +125,6 @@ class Bench:
 
     # ------------------------------------------------------------------------ RQ
     def rq_round(self, n: int, tracked: bool) -> tuple[float, float]:
-        from rq import Queue
-
-        from tracker.integrations.rq import TrackedQueue
-
         token = f"rq{uuid.uuid4().hex[:8]}"
         env = dict(self.env, BENCH_TOKEN=token)
         if tracked:

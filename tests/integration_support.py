@@ -10,11 +10,12 @@ The brokers are the machine's own (CI starts nothing by hand for these):
 
 The tracker lives under a fresh prefix on ``TRACKER_REDIS_URL`` (or ``REDIS_URL``),
 else on the broker Redis. A broker that does not answer skips the test with the
-reason, or fails it when ``TRACKER_CI=1``: ``missing(reason)``.
+reason, or fails it when ``TRACKER_CI=1`` (``helpers.missing``).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -23,13 +24,17 @@ import sys
 import textwrap
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import pytest
 import redis
+from click.testing import CliRunner
+from helpers import CI, missing
 
 from tracker import Tracker
+from tracker.cli import cli as tracker_cli
 from tracker.projector import Projector
 
 BROKER_REDIS = os.environ.get("TRACKER_TEST_BROKER_REDIS", "redis://127.0.0.1:6379/0")
@@ -37,18 +42,16 @@ AMQP_URL = os.environ.get("TRACKER_TEST_AMQP", "amqp://guest:guest@127.0.0.1:567
 TIMEOUT = 30.0  # seconds any one wait may take before the test fails
 
 
-def missing(reason: str) -> None:
-    """Skip for want of a service or library; under TRACKER_CI=1 that is a failure."""
-    if os.environ.get("TRACKER_CI") == "1":
-        pytest.fail(f"{reason} (TRACKER_CI=1: a missing service fails the run)")
-    pytest.skip(reason)
-
-
 def need_module(name: str):
+    """Import a job library for a test module, at module level: absent, the module is
+    skipped, or under CI (``TRACKER_CI=1``) fails to collect."""
     try:
-        return __import__(name)
+        return importlib.import_module(name)
     except ImportError as e:
-        missing(f"{name} is not installed ({e}); pip install -e '.[test]'")
+        reason = f"{name} is not installed ({e}); pip install -e '.[test]'"
+        if CI:
+            pytest.fail(f"required under CI (TRACKER_CI=1): {reason}", pytrace=False)
+        pytest.skip(reason, allow_module_level=True)
 
 
 def need_redis(url: str = BROKER_REDIS) -> redis.Redis:
@@ -60,11 +63,10 @@ def need_redis(url: str = BROKER_REDIS) -> redis.Redis:
     return client
 
 
-def need_amqp(url: str = AMQP_URL) -> None:
-    from kombu import Connection
-
+def need_amqp(kombu, url: str = AMQP_URL) -> None:
+    """RabbitMQ answers (``kombu``: the module, which the Celery tests import)."""
     try:
-        with Connection(url, connect_timeout=2) as conn:
+        with kombu.Connection(url, connect_timeout=2) as conn:
             conn.ensure_connection(max_retries=1)
     except Exception as e:
         missing(f"no RabbitMQ at {url}: {e}")
@@ -75,7 +77,7 @@ def tracker_url() -> str:
 
 
 def wait_for(what: str, check: Callable[[], object], timeout: float = TIMEOUT,
-              every: float = 0.05, worker: Optional["WorkerProcess"] = None):
+              every: float = 0.05, worker: Optional[WorkerProcess] = None):
     deadline = time.monotonic() + timeout
     while True:
         value = check()
@@ -115,7 +117,7 @@ class Run:
         return self.tracker.get(jid)
 
     def wait_track(self, jid: str, what: str, pred: Callable[[dict], bool],
-                   worker: Optional["WorkerProcess"] = None) -> dict:
+                   worker: Optional[WorkerProcess] = None) -> dict:
         last = {}
 
         def check():
@@ -135,10 +137,8 @@ class Run:
     def history(self, jid: str) -> list[tuple[str, dict]]:
         """(event, fields) in log order, from ``tracker history --json`` (the CLI, run
         in-process: a subprocess would spend a second importing)."""
-        from click.testing import CliRunner
-
         self.projector.drain()
-        out = CliRunner().invoke(_cli(), ["--redis-url", self.tracker_url, "--prefix",
+        out = CliRunner().invoke(tracker_cli, ["--redis-url", self.tracker_url, "--prefix",
                                           self.prefix, "history", "--json", jid])
         assert out.exit_code == 0, out.output
         return [(r["event"], r["fields"]) for r in map(json.loads, out.stdout.splitlines())]
@@ -177,15 +177,6 @@ class Run:
             for i in range(0, len(keys), 500):
                 c.delete(*keys[i:i + 500])
         self.tracker.close()
-
-
-def _cli():
-    """The ``tracker`` click group (``tracker.cli.main`` once it is the group itself)."""
-    import click
-
-    import tracker.cli as cli
-
-    return cli.main if isinstance(cli.main, click.Command) else cli.cli
 
 
 def write_module(directory: Path, name: str, source: str) -> Path:

@@ -14,10 +14,22 @@ import sys
 import uuid
 
 import pytest
+from integration_support import (
+    AMQP_URL,
+    BROKER_REDIS,
+    JOB_HELPERS,
+    Run,
+    WorkerProcess,
+    bin_path,
+    need_amqp,
+    need_module,
+    need_redis,
+    wait_for,
+    write_module,
+)
 
-from integration_support import (AMQP_URL, BROKER_REDIS, JOB_HELPERS, Run, WorkerProcess,
-                                 bin_path, need_amqp, need_module, need_redis, wait_for,
-                                 write_module)
+celery = need_module("celery")
+kombu = need_module("kombu")
 
 APP = JOB_HELPERS + '''
 from celery import Celery
@@ -67,9 +79,8 @@ RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
 
 @pytest.fixture(scope="module", params=["amqp", "redis"])
 def celery_world(request, tmp_path_factory):
-    need_module("celery")
     if request.param == "amqp":
-        need_amqp()
+        need_amqp(kombu)
         need_redis()  # the jobs' gates and the tracker
         broker = AMQP_URL
     else:

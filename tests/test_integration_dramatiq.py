@@ -14,9 +14,18 @@ import re
 import sys
 
 import pytest
+from integration_support import (
+    JOB_HELPERS,
+    Run,
+    WorkerProcess,
+    bin_path,
+    need_module,
+    need_redis,
+    wait_for,
+    write_module,
+)
 
-from integration_support import (JOB_HELPERS, Run, WorkerProcess, bin_path, need_module,
-                                 need_redis, wait_for, write_module)
+dramatiq = need_module("dramatiq")
 
 APP = JOB_HELPERS + '''
 import dramatiq
@@ -64,7 +73,6 @@ RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
 
 @pytest.fixture(scope="module")
 def dramatiq_world(tmp_path_factory):
-    need_module("dramatiq")
     need_redis()
     run = Run("d")
     directory = tmp_path_factory.mktemp("dramatiq")

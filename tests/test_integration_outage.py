@@ -17,11 +17,15 @@ import threading
 import time
 
 import pytest
+from helpers import missing
+from integration_support import Run, need_module, need_redis, wait_for
 
 import tracker
-from integration_support import Run, missing, need_module, need_redis, wait_for
-from tracker.integrations import base
+from tracker.integrations import base, context
 from tracker.integrations.context import NotInJob
+from tracker.projector import Projector
+
+tracked_rq = need_module("tracker.integrations.rq")
 
 DOWN = "cannot publish job events"
 BACK = "publishing again"
@@ -46,7 +50,6 @@ def progress_job():
 
 @pytest.fixture
 def rq_queue():
-    need_module("rq")
     client = need_redis()
     run_token = f"tio{time.time_ns() % 10**9}"
     yield client, f"{run_token}-q"
@@ -59,14 +62,12 @@ def rq_queue():
 def run_jobs(client, qname: str, n: int, monkeypatch, tracker_url: str):
     """Enqueue ``n`` tracked jobs through TrackedQueue and work them off with a burst
     TrackedSimpleWorker, both finding the tracker through the environment."""
-    from tracker.integrations.rq import TrackedQueue, TrackedSimpleWorker
-
     monkeypatch.setenv("TRACKER_REDIS_URL", tracker_url)
     monkeypatch.setenv("TRACKER_PREFIX", f"{qname}-tracker")
-    queue = TrackedQueue(qname, connection=client)
+    queue = tracked_rq.TrackedQueue(qname, connection=client)
     started = time.monotonic()
     jobs = [queue.enqueue(f"{__name__}.progress_job", meta={"track": 1}) for _ in range(n)]
-    worker = TrackedSimpleWorker([queue], connection=client, name=f"{qname}-w")
+    worker = tracked_rq.TrackedSimpleWorker([queue], connection=client, name=f"{qname}-w")
     worker.work(burst=True)
     elapsed = time.monotonic() - started
     return jobs, worker, elapsed
@@ -135,9 +136,10 @@ def test_publishing_resumes_when_the_tracker_comes_back(monkeypatch, caplog):
         # back-2's three, and back-1's working if the sender got to it after the restart
         assert stats["published"] in (3, 4) and stats["dropped"] >= 1, stats
         assert stats["outages"] == 1
-        from tracker.projector import Projector
-
         t = pub.tracker()
+        kw = t.deployment.client.connection_pool.connection_kwargs  # the short timeouts
+        assert (kw["socket_connect_timeout"], kw["socket_timeout"]) == (base.CONNECT_TIMEOUT,
+                                                                        base.SOCKET_TIMEOUT)
         Projector(t.deployment, consumer="itest").drain()
         got = t.get("back-2")
         assert (got["state"], got["percent"], got["desc"]) == ("working", 30, "resumed")
@@ -161,19 +163,17 @@ def test_an_event_the_tracker_refuses_is_counted_and_the_job_goes_on(rq_queue, m
                                                                       caplog):
     """RQ accepts job ids the tracker does not (longer than 128 characters): counted as
     invalid, logged once."""
-    need_module("rq")
-    from tracker.integrations.rq import TrackedQueue, TrackedSimpleWorker
-
     client, qname = rq_queue
     run = Run("v")
     caplog.set_level(logging.INFO, logger="tracker.integrations")
     jobs = []
     try:
-        queue = TrackedQueue(qname, connection=client, track=True, tracker=run.tracker)
+        queue = tracked_rq.TrackedQueue(qname, connection=client, track=True,
+                                        tracker=run.tracker)
         jobs = [queue.enqueue(f"{__name__}.progress_job", job_id=f"{qname}-{i}-" + "x" * 130)
                 for i in range(3)]
-        worker = TrackedSimpleWorker([queue], connection=client, name=f"{qname}-w",
-                                     tracker=run.tracker)
+        worker = tracked_rq.TrackedSimpleWorker([queue], connection=client, name=f"{qname}-w",
+                                                tracker=run.tracker)
         worker.work(burst=True)
         assert [j.get_status(refresh=True) for j in jobs] == ["finished"] * 3
         assert worker.tracking.stats()["invalid"] == 12  # enqueued, working, trackset, success
@@ -190,8 +190,6 @@ def test_progress_outside_a_job_and_bad_input():
         tracker.progress(10)
     assert tracker.current_jid() is None
     assert issubclass(NotInJob, tracker.TrackerError)
-    from tracker.integrations import context
-
     pub = base.SafePublisher(url=f"redis://127.0.0.1:{free_port()}/0")  # down
     token = context.enter("job-1", True, pub)
     try:

@@ -12,9 +12,22 @@ from __future__ import annotations
 import re
 
 import pytest
+from integration_support import (
+    BROKER_REDIS,
+    JOB_HELPERS,
+    Run,
+    WorkerProcess,
+    bin_path,
+    need_module,
+    need_redis,
+    wait_for,
+    write_module,
+)
 
-from integration_support import (BROKER_REDIS, JOB_HELPERS, Run, WorkerProcess, bin_path,
-                                 need_module, need_redis, wait_for, write_module)
+rq = need_module("rq")
+rq_command = need_module("rq.command")
+rq_job = need_module("rq.job")
+tracked_rq = need_module("tracker.integrations.rq")
 
 APP = JOB_HELPERS + '''
 from rq import Retry
@@ -54,12 +67,7 @@ RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
 
 @pytest.fixture(scope="module")
 def rq_world(tmp_path_factory):
-    need_module("rq")
     need_redis()
-    from rq import Queue
-
-    from tracker.integrations.rq import TrackedQueue
-
     run = Run("r")
     directory = tmp_path_factory.mktemp("rq")
     mod = f"itest_rq_{run.token}"
@@ -70,10 +78,11 @@ def rq_world(tmp_path_factory):
         [bin_path("rq"), "worker", "-w", "tracker.integrations.rq.TrackedWorker",
          "--with-scheduler", "-u", BROKER_REDIS, "-n", f"{run.token}-w", qname],
         env, directory, "worker")
-    queue = TrackedQueue(qname, connection=run.broker, tracker=run.tracker)
-    track_all = TrackedQueue(qname, connection=run.broker, track=True, tracker=run.tracker)
+    queue = tracked_rq.TrackedQueue(qname, connection=run.broker, tracker=run.tracker)
+    track_all = tracked_rq.TrackedQueue(qname, connection=run.broker, track=True,
+                                        tracker=run.tracker)
     try:
-        ping = Queue(qname, connection=run.broker).enqueue(f"{mod}.plain")
+        ping = rq.Queue(qname, connection=run.broker).enqueue(f"{mod}.plain")
         run.jids.append(ping.id)
         wait_for("the worker to run a first job", lambda: run.done(ping.id), worker=worker)
         yield run, mod, queue, track_all, worker
@@ -91,8 +100,6 @@ def enqueue(run, queue, func, **kw):
 
 
 def test_progress_then_success(rq_world):
-    from rq.job import Retry  # noqa: F401 (the extra is installed: the fixture checked)
-
     run, mod, queue, track_all, worker = rq_world
     a = enqueue(run, queue, f"{mod}.progress_job", meta={"track": 1})
     t = run.wait_state(a, "working", worker, percent=40)
@@ -114,10 +121,8 @@ def test_progress_then_success(rq_world):
 
 
 def test_fails_once_then_succeeds_on_retry(rq_world):
-    from rq import Retry
-
     run, mod, queue, _, worker = rq_world
-    c = enqueue(run, queue, f"{mod}.flaky", meta={"track": 1}, retry=Retry(max=1))
+    c = enqueue(run, queue, f"{mod}.flaky", meta={"track": 1}, retry=rq.Retry(max=1))
     wait_for("the second attempt", lambda: run.attempts(c) == 2, worker=worker)
     t = run.wait_state(c, "working", worker, percent=10)  # the retry, blocked on its gate
     assert t["desc"] == "try 1"
@@ -130,14 +135,11 @@ def test_fails_once_then_succeeds_on_retry(rq_world):
 
 
 def test_interval_retry_waits_as_failed_until_the_scheduler_requeues_it(rq_world):
-    from rq import Retry
-    from rq.job import Job
-
     run, mod, queue, _, worker = rq_world
-    c = enqueue(run, queue, f"{mod}.flaky", meta={"track": 1}, retry=Retry(max=1, interval=2))
+    c = enqueue(run, queue, f"{mod}.flaky", meta={"track": 1}, retry=rq.Retry(max=1, interval=2))
 
     def status():
-        return Job.fetch(c, connection=run.broker).get_status(refresh=True)
+        return rq_job.Job.fetch(c, connection=run.broker).get_status(refresh=True)
     wait_for("RQ to schedule the retry", lambda: status() == "scheduled", worker=worker)
     seen = run.get(c)
     if status() == "scheduled":  # still in the scheduled registry after we read the track
@@ -150,10 +152,8 @@ def test_interval_retry_waits_as_failed_until_the_scheduler_requeues_it(rq_world
 
 
 def test_retries_exhausted_is_dead(rq_world):
-    from rq import Retry
-
     run, mod, queue, _, worker = rq_world
-    d = enqueue(run, queue, f"{mod}.doomed", meta={"track": 1}, retry=Retry(max=1))
+    d = enqueue(run, queue, f"{mod}.doomed", meta={"track": 1}, retry=rq.Retry(max=1))
     run.wait_state(d, "dead", worker)
     hist = run.history(d)
     assert [e for e, _ in hist] == ["enqueued", "working", "failed", "enqueued", "working",
@@ -180,11 +180,9 @@ def test_untracked_is_unknown(rq_world):
 
 
 def test_stopped_job_is_dead(rq_world):
-    from rq.command import send_stop_job_command
-
     run, mod, queue, _, worker = rq_world
     s = enqueue(run, queue, f"{mod}.progress_job", meta={"track": 1})
     run.wait_state(s, "working", worker, percent=40)
-    send_stop_job_command(run.broker, s)
+    rq_command.send_stop_job_command(run.broker, s)
     run.wait_state(s, "dead", worker)
     assert run.history(s)[-1][1]["errtype"] == "JobStopped"

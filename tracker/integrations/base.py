@@ -31,11 +31,16 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
+from tracker import events
 from tracker.errors import TrackerError, ValidationError
+from tracker.query import Tracker
 
 log = logging.getLogger("tracker.integrations")
 
@@ -50,7 +55,7 @@ BATCH_WINDOW = 0.005  # seconds the sender lets deferred events gather into one 
 BATCH_MAX = 500  # ... or until this many are waiting
 
 _CAUGHT = (TrackerError, redis.RedisError, OSError)
-_instances: "weakref.WeakSet[SafePublisher]" = weakref.WeakSet()
+_instances: weakref.WeakSet[SafePublisher] = weakref.WeakSet()
 
 
 def connect(url: Optional[str] = None, connect_timeout: float = CONNECT_TIMEOUT,
@@ -59,8 +64,6 @@ def connect(url: Optional[str] = None, connect_timeout: float = CONNECT_TIMEOUT,
 
     Pass the result as ``tracker=`` to keep a job quick when this tracker is down.
     """
-    from tracker import Tracker
-
     t = Tracker.connect(url, **settings)
     shorten_timeouts(t, connect_timeout, socket_timeout)
     return t
@@ -70,9 +73,6 @@ def shorten_timeouts(tracker, connect_timeout: float = CONNECT_TIMEOUT,
                      socket_timeout: float = SOCKET_TIMEOUT) -> None:
     """Give the Tracker's Redis client short timeouts and a single immediate retry."""
     try:
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
         client = tracker.deployment.client
         pool = client.connection_pool
         kw = pool.connection_kwargs
@@ -198,6 +198,7 @@ class SafePublisher:
                 th.start()
         if wait is None:
             wait = PROBE_WAIT if self._ever_connected or self.outages else FIRST_WAIT
+        assert th is not None
         th.join(wait)
         t = self._tracker
         if t is None:
@@ -399,8 +400,6 @@ class SafePublisher:
             publish: bool = True) -> bool:
         """TRACK SET (deferred). Bad input raises ``ValidationError`` (the caller's bug,
         reported even while the tracker is down); an unreachable tracker only returns False."""
-        from tracker import events
-
         events.make_trackset("x", percent, desc, reserve_until)  # the fields; a JID the job
         if not publish:                                          # library chose is no caller bug
             return False
@@ -431,7 +430,7 @@ if hasattr(os, "register_at_fork"):
 
 
 _shared: dict[tuple, SafePublisher] = {}
-_by_tracker: "weakref.WeakKeyDictionary[Any, SafePublisher]" = weakref.WeakKeyDictionary()
+_by_tracker: weakref.WeakKeyDictionary[Any, SafePublisher] = weakref.WeakKeyDictionary()
 _shared_lock = threading.Lock()
 
 

@@ -3,14 +3,17 @@
 Opt in per task with ``@app.task(track=True)`` or per call with
 ``task.apply_async(..., headers={"track": 1})``. The JID is the Celery task id.
 
-| signal | where it fires | event |
-|---|---|---|
-| ``before_task_publish`` | the process that sends (a retry: the worker) | ``enqueued``; for a retry (``retries`` > 0) ``failed`` then ``enqueued``, before the message exists |
-| ``task_prerun`` | the pool process | ``working`` (reservation: the hard time limit) |
-| ``task_success`` | the pool process | ``success`` |
-| ``task_retry`` | the pool process | nothing more: the retry's publish already said ``failed`` |
-| ``task_failure`` | pool or main process | ``dead``: Celery sends it only when no retry follows |
-| ``task_revoked`` | the main process | ``dead`` (errtype ``TaskRevokedError``, message ``revoked``, ``terminated`` or ``expired``) |
+Signals, where they fire, and what they publish:
+
+* ``before_task_publish`` (the sending process; for a retry, the worker): ``enqueued``;
+  for a retry (``retries`` > 0) ``failed`` then ``enqueued``, before the message exists;
+* ``task_prerun`` (the pool process): ``working``, reserved for the hard time limit;
+* ``task_success``: ``success``; ``task_retry``: nothing more (the retry's publish
+  already said ``failed``);
+* ``task_failure`` (pool or main process): ``dead``; Celery sends it only when no
+  retry follows;
+* ``task_revoked`` (main process): ``dead``, errtype ``TaskRevokedError``, message
+  ``revoked``, ``terminated`` or ``expired``.
 
 Why ``failed`` is published from ``before_task_publish``: ``Task.retry()`` sends the
 new message first and only then raises ``Retry``, which fires ``task_retry``, so a
@@ -36,7 +39,7 @@ from celery.exceptions import Retry
 from tracker.integrations import context
 from tracker.integrations.base import SafePublisher, error_fields, publisher_for
 
-_installed: dict[int, "CeleryTracking"] = {}
+_installed: dict[int, CeleryTracking] = {}
 
 
 def _truthy(value: Any) -> bool:

@@ -4,15 +4,18 @@ Add the middleware before declaring actors (Dramatiq checks actor options agains
 the broker's middleware). Opt in per actor with ``track=True``, or per message with
 ``actor.send_with_options(args=..., track=True)``. The JID is the message id.
 
-| hook | event |
-|---|---|
-| ``before_enqueue`` (a send, or a delayed message reaching its queue) | ``enqueued`` |
-| ``before_enqueue`` of a retry into the delay queue (``Retries`` middleware) | ``failed``: a retry follows after the backoff; ``enqueued`` comes when it is due |
-| ``before_process_message`` | ``working`` (reservation: the actor's ``time_limit``) |
-| ``after_process_message`` without an exception | ``success`` |
-| ``after_nack``: the message goes to the dead-letter queue (retries exhausted, ``throws``, skipped as failed) | ``dead`` |
-| ``after_process_message`` with an exception and no ``Retries`` middleware | ``dead`` (Dramatiq acks it; nothing follows) |
-| ``after_skip_message`` of a message not failed (acked, never run) | ``dead`` |
+Hooks and what they publish:
+
+* ``before_enqueue`` (a send, or a delayed message reaching its queue): ``enqueued``;
+* ``before_enqueue`` of a retry into the delay queue (``Retries``): ``failed``; a retry
+  follows after the backoff, and ``enqueued`` comes when it is due;
+* ``before_process_message``: ``working``, reserved for the actor's ``time_limit``;
+* ``after_process_message`` without an exception: ``success``;
+* ``after_nack``, the message going to the dead-letter queue (retries exhausted,
+  ``throws``, skipped as failed): ``dead``;
+* ``after_process_message`` with an exception and no ``Retries`` middleware: ``dead``
+  (Dramatiq acks it; nothing follows);
+* ``after_skip_message`` of a message not failed (acked, never run): ``dead``.
 
 The hooks follow ``Retries``' own decision (it either re-enqueues the message or
 fails it), so ``max_retries``, ``retry_when`` and ``throws`` are honoured as they are.

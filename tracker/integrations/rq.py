@@ -3,15 +3,19 @@
 Opt in per job with ``meta={"track": 1}``, or for every job of a queue with
 ``TrackedQueue(..., track=True)``. The JID is the RQ job id.
 
-| moment | who publishes | event |
-|---|---|---|
-| ``enqueue``/``enqueue_at``/... (also a deferred job: that is its PUSH) | ``TrackedQueue`` | ``enqueued`` |
-| the work horse starts the job | ``TrackedWorker`` | ``working`` (reservation: the job's timeout) |
-| the job returns | ``TrackedWorker`` | ``success`` |
-| the job raises and its ``Retry`` has retries left | ``TrackedWorker`` | ``failed``, then ``enqueued`` at once if the retry has no interval |
-| ... with an interval: when the scheduler moves it back to its queue | ``TrackedWorker``'s scheduler (``--with-scheduler``) | ``enqueued`` |
-| the job raises with no retry left, or is stopped, or its horse dies | ``TrackedWorker`` | ``dead`` |
-| the job returns ``rq.Retry(...)`` | ``TrackedWorker`` | ``failed`` (+ ``enqueued``) while ``retry.max`` allows, else ``dead`` |
+What publishes what:
+
+* ``TrackedQueue``: ``enqueued`` on ``enqueue``/``enqueue_at``/... (a deferred job's
+  too: that is its PUSH);
+* ``TrackedWorker``: ``working`` when the work horse starts (reserved for the job's
+  timeout), ``success`` when the job returns, ``dead`` when it raises with no retry
+  left, is stopped, or its horse dies;
+* ``TrackedWorker``, the job raising with retries left in its ``Retry``: ``failed``,
+  then ``enqueued`` at once if the retry has no interval; with an interval the
+  worker's scheduler (``--with-scheduler``) publishes ``enqueued`` when it moves the
+  job back to its queue;
+* the job returning ``rq.Retry(...)``: ``failed`` (+ ``enqueued``) while
+  ``retry.max`` allows, else ``dead``.
 
 Every event is published before RQ's own write that makes the next step possible,
 so the log keeps the contract's order however fast another worker is.
@@ -27,10 +31,11 @@ import time
 from typing import Any, Optional
 
 from rq import Queue
+from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
 from rq.job import Retry
 from rq.registry import ScheduledJobRegistry
 from rq.scheduler import RQScheduler
-from rq.worker import SimpleWorker, Worker
+from rq.worker import BaseWorker, SimpleWorker, Worker
 
 from tracker.integrations import context
 from tracker.integrations.base import SafePublisher, error_fields, publisher_for
@@ -141,7 +146,7 @@ class TrackedScheduler(RQScheduler):
 
     def prepare_registries(self, queue_names=None):
         super().prepare_registries(queue_names)
-        mine = []
+        mine: list[ScheduledJobRegistry] = []
         for reg in self._scheduled_job_registries:
             tracked = _TrackedRegistry(reg.name, connection=self.connection,
                                        serializer=self.serializer)
@@ -164,7 +169,7 @@ def _from_exc_string(text: str) -> tuple[str, str]:
     return "JobFailed", lines[-1]
 
 
-class TrackingMixin:
+class TrackingMixin(BaseWorker):
     """The hooks, for any ``rq.worker.BaseWorker`` subclass (see ``TrackedWorker``)."""
 
     def __init__(self, *args, tracker=None, **kwargs):
@@ -177,15 +182,13 @@ class TrackingMixin:
         return super().work(*args, **kwargs)
 
     def _start_scheduler(self, burst: bool = False, logging_level: Optional[str] = "INFO",
-                         date_format: str = None, log_format: str = None):
-        from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
-
+                         date_format: str = DEFAULT_LOGGING_DATE_FORMAT,
+                         log_format: str = DEFAULT_LOGGING_FORMAT):
         # RQ's own body with TrackedScheduler, so interval retries announce their re-enqueue.
         self.scheduler = TrackedScheduler(
             self.queues, connection=self.connection,
             logging_level=logging_level if logging_level is not None else self.log.level,
-            date_format=date_format or DEFAULT_LOGGING_DATE_FORMAT,
-            log_format=log_format or DEFAULT_LOGGING_FORMAT, serializer=self.serializer)
+            date_format=date_format, log_format=log_format, serializer=self.serializer)
         self.scheduler.tracking = self.tracking
         self.scheduler.acquire_locks()
         if self.scheduler.acquired_locks:
@@ -212,9 +215,9 @@ class TrackingMixin:
     def execute_job(self, job, queue):
         if _track_value(job) is None or isinstance(self, SimpleWorker):
             return super().execute_job(job, queue)
-        if self._outcome is None:
-            self._outcome = mmap.mmap(-1, 2)
         outcome = self._outcome
+        if outcome is None:
+            outcome = self._outcome = mmap.mmap(-1, 2)
         self._seq = seq = self._seq % 255 + 1
         outcome[0] = 0
 
@@ -233,7 +236,7 @@ class TrackingMixin:
         """In a horse, before its first event: the parent's ``working`` goes first."""
         outcome, seq = self._outcome, self._seq
         deadline = time.monotonic() + 5
-        while outcome[1] != seq and time.monotonic() < deadline:
+        while outcome is not None and outcome[1] != seq and time.monotonic() < deadline:
             time.sleep(0.001)
 
     def perform_job(self, job, queue, execution) -> bool:
@@ -268,8 +271,8 @@ class TrackingMixin:
                            execution=None):
         track = _track_value(job)
         if track is not None:
-            errtype, message = (self._tracker_errors.pop(job.id, None)
-                                or _from_exc_string(exc_string))
+            err = self._tracker_errors.pop(job.id, None)
+            errtype, message = err if err is not None else _from_exc_string(exc_string)
             stopped = getattr(self, "_stopped_job_id", None) == job.id
             if stopped:
                 self.tracking.dead(job.id, "JobStopped", exc_string.strip() or "stopped")
