@@ -52,14 +52,16 @@ def progress_job():
 def rq_queue():
     client = need_redis()
     run_token = f"tio{time.time_ns() % 10**9}"
-    yield client, f"{run_token}-q"
-    doomed = [k for k in client.scan_iter(count=1000) if run_token.encode() in k]
+    made: list[str] = []  # job ids: RQ's job and result keys carry the id, not the queue
+    yield client, f"{run_token}-q", made
+    marks = [run_token.encode(), *(i.encode() for i in made)]
+    doomed = [k for k in client.scan_iter(count=1000) if any(m in k for m in marks)]
     if doomed:
         client.delete(*doomed)
     client.srem("rq:queues", f"rq:queue:{run_token}-q")
 
 
-def run_jobs(client, qname: str, n: int, monkeypatch, tracker_url: str):
+def run_jobs(client, qname: str, made: list, n: int, monkeypatch, tracker_url: str):
     """Enqueue ``n`` tracked jobs through TrackedQueue and work them off with a burst
     TrackedSimpleWorker, both finding the tracker through the environment."""
     monkeypatch.setenv("TRACKER_REDIS_URL", tracker_url)
@@ -67,6 +69,7 @@ def run_jobs(client, qname: str, n: int, monkeypatch, tracker_url: str):
     queue = tracked_rq.TrackedQueue(qname, connection=client)
     started = time.monotonic()
     jobs = [queue.enqueue(f"{__name__}.progress_job", meta={"track": 1}) for _ in range(n)]
+    made.extend(j.id for j in jobs)
     worker = tracked_rq.TrackedSimpleWorker([queue], connection=client, name=f"{qname}-w")
     worker.work(burst=True)
     elapsed = time.monotonic() - started
@@ -74,9 +77,9 @@ def run_jobs(client, qname: str, n: int, monkeypatch, tracker_url: str):
 
 
 def test_jobs_run_quickly_while_the_tracker_is_down(rq_queue, monkeypatch, caplog):
-    client, qname = rq_queue
+    client, qname, made = rq_queue
     caplog.set_level(logging.INFO, logger="tracker.integrations")
-    jobs, worker, elapsed = run_jobs(client, qname, 20, monkeypatch,
+    jobs, worker, elapsed = run_jobs(client, qname, made, 20, monkeypatch,
                                      f"redis://127.0.0.1:{free_port()}/0")
     assert [j.get_status(refresh=True) for j in jobs] == ["finished"] * 20
     assert all(j.return_value() == "ran" for j in jobs)
@@ -163,7 +166,7 @@ def test_an_event_the_tracker_refuses_is_counted_and_the_job_goes_on(rq_queue, m
                                                                       caplog):
     """RQ accepts job ids the tracker does not (longer than 128 characters): counted as
     invalid, logged once."""
-    client, qname = rq_queue
+    client, qname, made = rq_queue
     run = Run("v")
     caplog.set_level(logging.INFO, logger="tracker.integrations")
     jobs = []
@@ -171,7 +174,7 @@ def test_an_event_the_tracker_refuses_is_counted_and_the_job_goes_on(rq_queue, m
         queue = tracked_rq.TrackedQueue(qname, connection=client, track=True,
                                         tracker=run.tracker)
         jobs = [queue.enqueue(f"{__name__}.progress_job", job_id=f"{qname}-{i}-" + "x" * 130)
-                for i in range(3)]
+                for i in range(3)]  # the ids carry the queue name, so the fixture deletes them
         worker = tracked_rq.TrackedSimpleWorker([queue], connection=client, name=f"{qname}-w",
                                                 tracker=run.tracker)
         worker.work(burst=True)
@@ -180,8 +183,6 @@ def test_an_event_the_tracker_refuses_is_counted_and_the_job_goes_on(rq_queue, m
         refused = [m for m in messages(caplog, "not published") if "jid" in m]
         assert len(refused) == 1, caplog.text
     finally:
-        for j in jobs:
-            j.delete()
         run.cleanup()
 
 
