@@ -41,14 +41,16 @@ def env(data_dir):
 
 
 def servers(data_dir: Path) -> list[int]:
-    """PIDs of redis-server processes working in this data dir (a read-only look at /proc:
-    redis-server rewrites its title, but it runs with --dir as its working directory)."""
+    """PIDs of server processes (valkey-server or redis-server) working in this data dir (a
+    read-only look at /proc: the server rewrites its title, but it runs with --dir as its
+    working directory)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if (b"redis-server" in (entry / "cmdline").read_bytes()
+            cmdline = (entry / "cmdline").read_bytes()
+            if ((b"redis-server" in cmdline or b"valkey-server" in cmdline)
                     and os.readlink(entry / "cwd") == str(data_dir.resolve())):
                 found.append(int(entry.name))
         except OSError:

@@ -46,7 +46,7 @@ def reservation(row: list, now_ms: int) -> Optional[dt.datetime]:
     s, _p, _d, _u, r, x = row
     if s != b"working" or r is None or x is None or int(x) <= now_ms or int(r) <= now_ms:
         return None
-    return dt.datetime.fromtimestamp(int(r) / 1000, dt.timezone.utc)
+    return dt.datetime.fromtimestamp(int(r) / 1000, dt.UTC)
 
 
 def stored_fields(track: Optional[Track]) -> Optional[dict]:

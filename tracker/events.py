@@ -192,7 +192,7 @@ def parse_time(value: Any, field: str = "reserve_until") -> int:
                          value) if isinstance(value, str) else None
         if m is None:
             shown = value if not isinstance(value, str) or len(value) < 60 else value[:57] + "..."
-            soon = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)
+            soon = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
             raise ValidationError(field, f"expected an RFC 3339 time with a timezone, like "
                                          f"{soon:%Y-%m-%dT%H:%M:%SZ} (an hour from now), "
                                          f"got {shown!r}")
@@ -220,7 +220,7 @@ def format_time(ms: int) -> str:
 
 @lru_cache(maxsize=4096)  # get_many formats many tracks updated in the same seconds
 def _format_second(seconds: int) -> str:
-    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class TrackSetRequest(msgspec.Struct, forbid_unknown_fields=True):

@@ -33,7 +33,7 @@ def id_key(entry_id: str) -> tuple[int, int]:
 
 def format_ms(ms: int) -> str:
     """RFC 3339 UTC with milliseconds (events one second apart must stay apart)."""
-    when = dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc)
+    when = dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
     return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 
 

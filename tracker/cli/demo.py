@@ -56,7 +56,7 @@ def _job(pub: Publisher, tracker: Tracker, jid: str, plan, rng: random.Random, s
             desc = STEPS[min(pct * len(STEPS) // 101, len(STEPS) - 1)]
             until = None
             if name == "backup" and pct == 50:  # a long job asks for more time
-                until = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=2)
+                until = dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)
             tracker.set(jid, percent=pct, desc=desc, reserve_until=until)
             time.sleep(rng.uniform(0.08, 0.25))
         if last and not dies:

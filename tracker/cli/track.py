@@ -87,7 +87,7 @@ _failure_command("dead", events.Dead, "FAIL with retries exhausted.")
 
 def _an_hour_from_now() -> str:
     """An example --reserve-until that is valid when the help is shown."""
-    return f"{dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1):%Y-%m-%dT%H:%M:%SZ}"
+    return f"{dt.datetime.now(dt.UTC) + dt.timedelta(hours=1):%Y-%m-%dT%H:%M:%SZ}"
 
 
 @cli.command("set")

@@ -366,7 +366,7 @@ class Server:
                 self.lost.clear()
                 try:
                     await asyncio.wait_for(self.lost.wait(), 0.1)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             for c in list(self.conns):
                 c.transport.abort()

