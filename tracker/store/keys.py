@@ -99,3 +99,11 @@ def replay_held(prefix: str, partition: int) -> str:
 def replay_partial(prefix: str, partition: int) -> str:
     """Set of JIDs whose first events were trimmed: the rebuild keeps their live snapshot."""
     return f"{tag(prefix, partition)}:replay:partial"
+
+
+# ------------------------------------------------------------------- proxy
+def fetched(prefix: str, partition: int, jid: str) -> str:
+    """String ``"<retry> <retry_count at its next failure>"`` that ``tracker serve
+    --upstream`` keeps for a tracked job it saw fetched, with the reservation as TTL,
+    so an ACK or FAIL on any connection of any proxy process knows what to publish."""
+    return f"{tag(prefix, partition)}:f:{jid}"

@@ -1,0 +1,545 @@
+"""``tracker serve --upstream``: a transparent Faktory proxy that answers TRACK itself.
+
+Workers and producers point ``FAKTORY_URL`` here. Each client connection gets its
+own upstream connection to the real (open-source) Faktory server:
+
+- the upstream's ``+HI`` (with its salt and iterations) is relayed verbatim and the
+  client's ``HELLO`` forwarded, so authentication is the upstream's own; the
+  connection is accepted only once the upstream answered ``+OK``;
+- every other command except TRACK is forwarded byte for byte and every reply
+  relayed byte for byte, in order (clients pipeline); ``wire.Replies`` frames the
+  upstream's replies, so each is paired with the command it answers;
+- ``TRACK GET`` / ``TRACK SET`` are answered here, in order with the forwarded
+  replies: a TRACK waits for the replies of the commands before it, then for the
+  events they caused to be appended (``Outbox.barrier``: read-your-writes);
+- ``observe.Observer`` turns confirmed replies into lifecycle events.
+
+If the upstream cannot be reached, or closes in the middle of a reply, the client
+gets ``-ERR`` and a closed connection; others are not affected, and the next client
+gets a fresh upstream connection. Backpressure runs both ways: a client that does
+not read stops the reading of its upstream, and the reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import re
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+from urllib.parse import unquote, urlsplit
+
+import msgspec
+
+from tracker import events
+from tracker.errors import ConfigError, RedisUnavailable, TrackerError, ValidationError
+from tracker.server import fwp
+from tracker.server.observe import Observer
+from tracker.server.outbox import Outbox
+from tracker.server.wire import OK, ProtocolError, Replies, bulk, err_line, pwdhash, shown
+from tracker.store.settings import Settings
+
+uvloop: Any
+try:  # optional: a faster event loop for socket-heavy work (pip install 'tracker[fast]')
+    import uvloop
+except ImportError:  # pragma: no cover - depends on the environment
+    uvloop = None
+
+log = logging.getLogger("tracker.server.proxy")
+
+CONNECT_TIMEOUT = 5.0
+PAUSE_AT = 256 * 1024  # unparsed client bytes held while a TRACK waits
+HELLO = b"HELLO"
+OBSERVED = frozenset((b"PUSH", b"PUSHB", b"FETCH", b"ACK", b"FAIL"))
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where the Faktory server is: ``tcp://[:PASSWORD@]HOST:PORT`` or ``tcp+tls://``."""
+
+    url: str
+    host: str
+    port: int
+    password: Optional[str] = None
+    tls: bool = False
+    ca_file: Optional[str] = None
+
+    @classmethod
+    def parse(cls, url: str, ca_file: Optional[str] = None) -> Upstream:
+        shown_url = re.sub(r"(//[^/@]*?:)[^/@]*@", r"\1***@", url)
+        try:
+            parts = urlsplit(url)
+            port = parts.port or 7419
+        except ValueError as e:
+            raise ConfigError(f"upstream: {e} in {shown_url!r}") from None
+        if parts.scheme not in ("tcp", "tcp+tls") or not parts.hostname:
+            raise ConfigError("upstream: expected tcp://[:PASSWORD@]HOST:PORT or tcp+tls://..., "
+                              f"got {shown_url!r}")
+        password = unquote(parts.password) if parts.password is not None else None
+        return cls(url, parts.hostname, port, password or None, parts.scheme == "tcp+tls",
+                   ca_file)
+
+    def shown(self) -> str:
+        """The address, never the password."""
+        return f"{'tcp+tls' if self.tls else 'tcp'}://{self.host}:{self.port}"
+
+    def ssl_context(self) -> Optional[ssl.SSLContext]:
+        if not self.tls:
+            return None
+        try:
+            return ssl.create_default_context(cafile=self.ca_file)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"upstream-ca: cannot load {self.ca_file}: {e}") from None
+
+    async def connect(self, factory: Any, ctx: Optional[ssl.SSLContext]) -> Any:
+        loop = asyncio.get_running_loop()
+        transport, proto = await asyncio.wait_for(
+            loop.create_connection(factory, self.host, self.port, ssl=ctx,
+                                   server_hostname=self.host if ctx else None),
+            CONNECT_TIMEOUT)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        return transport, proto
+
+
+def reason(e: BaseException) -> str:
+    if isinstance(e, asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__
+
+
+class UpstreamSide(asyncio.Protocol):
+    """The proxy's connection to Faktory, on behalf of one client."""
+
+    def __init__(self, client: ClientSide):
+        self.client = client
+        self.transport: Optional[asyncio.Transport] = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.client.up = self
+
+    def data_received(self, data: bytes) -> None:
+        self.client.upstream_data(data)
+
+    def connection_lost(self, exc) -> None:
+        self.client.upstream_lost()
+
+    def pause_writing(self) -> None:  # Faktory is not reading: stop reading the client
+        self.client.reading(up_full=True)
+
+    def resume_writing(self) -> None:
+        self.client.reading(up_full=False)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+class ClientSide(asyncio.Protocol):
+    """A client connection (the attributes ``fwp.Server``'s sweeper reads match ``Connection``)."""
+
+    transport: asyncio.Transport
+
+    def __init__(self, server: ProxyServer):
+        self.server = server
+        self.obs = server.observer
+        self.buf = bytearray()
+        self.replies = Replies()
+        self.up: Optional[UpstreamSide] = None
+        self.awaiting: collections.deque = collections.deque()  # (verb, ctx) per forwarded command
+        self.local: Optional[bytes] = None  # a TRACK command waiting for its turn or its answer
+        self._local_task: Optional[asyncio.Future] = None
+        self.connecting: Optional[asyncio.Future] = None
+        self.greeted = self.authed = self.ended = False
+        self.closing = self.closed = self.eof = False
+        self.up_full = self.buf_full = self.paused = False
+        now = time.monotonic()
+        self.started = self.active = self.closing_since = now
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.awaiting) or self.local is not None or self.connecting is not None
+
+    # -- the client's socket ------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        srv = self.server
+        if len(srv.conns) >= srv.limits.max_connections or srv.stopping:
+            transport.write(b"-ERR too many connections\r\n" if not srv.stopping
+                            else b"-ERR shutting down\r\n")
+            self.closed = True
+            transport.close()
+            return
+        srv.conns.add(self)
+        self.connecting = asyncio.ensure_future(self._connect())
+
+    async def _connect(self) -> None:
+        srv = self.server
+        try:
+            await srv.upstream.connect(lambda: UpstreamSide(self), srv.ssl)
+        except Exception as e:
+            log.warning("cannot reach the Faktory server at %s: %s", srv.upstream.shown(),
+                        reason(e))
+            self.fail(f"tracker cannot reach the Faktory server at {srv.upstream.shown()}: "
+                      f"{reason(e)}")
+        finally:
+            self.connecting = None
+        if self.closed and self.up is not None:
+            self.up.close()  # the client left while we were connecting
+
+    def connection_lost(self, exc) -> None:
+        self.closed = self.closing = True
+        self.buf.clear()
+        srv = self.server
+        srv.conns.discard(self)
+        srv.lost.set()
+        if self.up is not None:
+            if self.awaiting:  # let the replies in flight arrive, so their events are seen
+                asyncio.get_running_loop().call_later(fwp.CLOSE_GRACE, self.up.close)
+            else:
+                self.up.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.active = time.monotonic()
+        self.buf += data
+        self.process()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.process()
+        return True
+
+    def pause_writing(self) -> None:  # the client is not reading: stop reading Faktory
+        if self.up is not None and self.up.transport is not None:
+            self.up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.up is not None and self.up.transport is not None:
+            self.up.transport.resume_reading()
+
+    def reading(self, up_full: Optional[bool] = None, buf_full: Optional[bool] = None) -> None:
+        if up_full is not None:
+            self.up_full = up_full
+        if buf_full is not None:
+            self.buf_full = buf_full
+        want = not (self.up_full or self.buf_full)
+        if self.closing:
+            return
+        if want and self.paused:
+            self.paused = False
+            self.transport.resume_reading()
+            self.process()
+        elif not want and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    # -- lines from the client ------------------------------------------------------
+    def process(self) -> None:
+        """Forward what can go upstream now; stop at a TRACK, or before the handshake."""
+        if self.up is None or not self.greeted or self.closing:
+            return
+        buf = self.buf
+        limit = self.server.limits.max_line
+        send = []
+        while self.local is None and not self.closing and not self.ended \
+                and (self.authed or not self.awaiting):
+            end = buf.find(b"\n", 0, limit + 2)
+            if end < 0:
+                if len(buf) > limit:
+                    self.fail(f"line too long (max {limit} bytes)")
+                elif self.eof:
+                    self.close()
+                break
+            raw = bytes(buf[:end + 1])
+            del buf[:end + 1]
+            line = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+            if len(line) > limit:
+                self.fail(f"line too long (max {limit} bytes)")
+                break
+            verb, _, rest = line.partition(b" ")
+            if not self.authed:
+                if not line:
+                    continue  # blank lines before HELLO are ignored, as by `tracker serve`
+                problem = check_hello(verb, rest)
+                if problem:
+                    self.fail(problem)
+                    break
+                send.append(raw)
+                self.awaiting.append((HELLO, None))
+            elif verb == b"TRACK":
+                self.local = rest
+            else:
+                if verb == b"END":
+                    self.ended = True  # Faktory closes without a reply; later lines are ignored
+                    buf.clear()
+                    send.append(raw)
+                    break
+                send.append(raw)
+                if verb in OBSERVED:
+                    self.awaiting.append((verb, self.obs.forward(verb, rest)))
+                else:
+                    self.awaiting.append((None, None))
+        if send and self.up is not None and self.up.transport is not None:
+            self.up.transport.write(b"".join(send))
+        if self.local is not None and not self.awaiting:
+            self._run_local()
+        self.reading(buf_full=len(buf) > PAUSE_AT)
+
+    # -- replies from Faktory ---------------------------------------------------------
+    def upstream_data(self, data: bytes) -> None:
+        try:
+            replies = self.replies.feed(data)
+        except ProtocolError as e:
+            log.warning("the Faktory server at %s sent an invalid reply: %s",
+                        self.server.upstream.shown(), e)
+            return self._broken("tracker got an invalid reply from the Faktory server")
+        out = []
+        for r in replies:
+            if not self.greeted:
+                self.greeted = True  # +HI, relayed as it is (salt and iterations included)
+            elif self.awaiting:
+                verb, ctx = self.awaiting.popleft()
+                if verb is HELLO:
+                    if r == OK:
+                        self.authed = True
+                elif verb is not None:
+                    try:
+                        self.obs.reply(verb, ctx, r)
+                    except Exception as e:  # never let a bug cost the client its reply
+                        log.error("internal error observing %s", verb.decode(), exc_info=e)
+            out.append(r)
+        if out and not self.closed:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if self.closing:
+            self._finish()
+        elif self.local is not None and not self.awaiting:
+            self._run_local()
+        else:
+            self.process()
+
+    def upstream_lost(self) -> None:
+        self.up = None
+        cut = bool(self.awaiting) or self.replies.pending() or not self.greeted
+        self._abandon()
+        if cut and not self.ended:
+            self.write(err_line("the Faktory server closed the connection"))
+        self.close()
+
+    def _abandon(self) -> None:
+        """The commands in flight will get no reply: nothing is published for them, and
+        a TRACK queued behind them is dropped with them (one running now may finish)."""
+        for verb, ctx in self.awaiting:
+            if verb is not None and verb is not HELLO:
+                self.obs.abandon(verb, ctx)
+        self.awaiting.clear()
+        if self._local_task is None:
+            self.local = None
+
+    def _broken(self, message: str) -> None:
+        self._abandon()
+        self.fail(message)
+        if self.up is not None:
+            self.up.close()
+
+    # -- TRACK, answered here ------------------------------------------------------
+    def _run_local(self) -> None:
+        rest = self.local
+        if rest is None or self._local_task is not None:
+            return
+        sub, _, arg = rest.partition(b" ")
+        self.server.inflight += 1
+        self._local_task = asyncio.ensure_future(self._track(sub, arg))
+        self._local_task.add_done_callback(self._local_done)
+
+    async def _track(self, sub: bytes, arg: bytes) -> bytes:
+        srv = self.server
+        if sub == b"GET":
+            events.check_jid(arg.decode("utf-8", "replace"))
+            await Outbox.wait(srv.outbox.barrier())
+            return bulk(await srv.tracker.get_future(arg.decode()))
+        if sub == b"SET":
+            if not arg:
+                raise ValidationError("payload", "expected a JSON object after TRACK SET")
+            await Outbox.wait(srv.outbox.event(events.decode_trackset_json(arg)))
+            return OK
+        raise ValidationError("TRACK", f"expected GET or SET, got {shown(sub, 20)!r}")
+
+    def _local_done(self, task: asyncio.Task) -> None:
+        self._local_task = None
+        self.local = None
+        self.server.inflight -= 1
+        if task.cancelled():
+            return self.close()
+        exc = task.exception()
+        if exc is None:
+            reply = task.result()
+        elif isinstance(exc, RedisUnavailable):
+            log.warning("%s", exc)
+            reply = b"-ERR tracker cannot reach its Redis; try again\r\n"
+        elif isinstance(exc, TrackerError):
+            reply = err_line(str(exc))
+        else:
+            log.error("internal error", exc_info=exc)
+            reply = b"-ERR internal error\r\n"
+        self.write(reply)
+        if self.closing or self.server.stopping:
+            return self.close()
+        self.process()
+
+    # -- replies and closing ------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
+    def fail(self, message: str) -> None:
+        """An error that ends the connection (handshake, limits, upstream trouble)."""
+        self.write(err_line(message))
+        self.close()
+
+    def close(self) -> None:
+        """Close once the replies in flight (if any) are written."""
+        if not self.closing:
+            self.closing = True
+            self.closing_since = time.monotonic()
+        self.buf.clear()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.awaiting or self.local is not None:
+            return
+        if not self.transport.is_closing():
+            self.transport.close()
+        if self.up is not None:
+            self.up.close()
+
+
+_hello = msgspec.json.Decoder(dict)
+
+
+def check_hello(verb: bytes, rest: bytes) -> Optional[str]:
+    """Why this first line is not a HELLO we forward (None: forward it)."""
+    if verb != HELLO:
+        return f"expected HELLO, got {shown(verb, 20)}"
+    try:
+        _hello.decode(rest)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return "Invalid HELLO: expected a JSON object"
+    return None
+
+
+class ProxyServer(fwp.Server):
+    """``fwp.Server``'s socket handling, shutdown and limits, with ``ClientSide`` connections."""
+
+    outbox: Outbox
+    observer: Observer
+
+    def __init__(self, settings: Settings, partitions: int, limits: fwp.Limits,
+                 upstream: Upstream):
+        super().__init__(settings, partitions, None, limits)
+        self.upstream = upstream
+        self.ssl = upstream.ssl_context()
+
+    def protocol(self) -> asyncio.Protocol:
+        return ClientSide(self)
+
+    def describe(self) -> str:
+        return f", forwarding to Faktory at {self.upstream.shown()}"
+
+    async def opened(self) -> None:
+        self.outbox = Outbox(self.tracker.client, self.settings, self.partitions)
+        self.observer = Observer(self.outbox)
+        await self.probe()
+
+    async def closing(self) -> None:
+        await self.outbox.drain()
+
+    async def probe(self) -> None:
+        """One control connection at start: says in the log whether Faktory answers."""
+        where = self.upstream.shown()
+        probe = Probe()
+        try:
+            transport, _ = await self.upstream.connect(lambda: probe, self.ssl)
+        except Exception as e:
+            log.warning("the Faktory server at %s is not reachable now (%s); clients get -ERR "
+                        "until it is", where, reason(e))
+            return
+        try:
+            hi = await asyncio.wait_for(probe.line(), CONNECT_TIMEOUT)
+            greeting = msgspec.json.decode(hi[4:]) if hi.startswith(b"+HI ") else None
+            if not isinstance(greeting, dict):
+                log.warning("the server at %s did not greet as Faktory does: %s", where,
+                            shown(hi))
+                return
+            hello: dict = {"hostname": socket.gethostname(), "pid": os.getpid(), "v": 2}
+            if "s" in greeting and self.upstream.password:
+                hello["pwdhash"] = await asyncio.to_thread(
+                    pwdhash, self.upstream.password, str(greeting["s"]),
+                    int(greeting.get("i", 1)))
+            transport.write(b"HELLO " + msgspec.json.encode(hello) + b"\r\n")
+            answer = await asyncio.wait_for(probe.line(), CONNECT_TIMEOUT)
+            if answer == b"+OK":
+                log.info("Faktory at %s answers (protocol v%s)", where, greeting.get("v"))
+            elif "s" in greeting and not self.upstream.password:
+                log.info("Faktory at %s asks for a password; clients give their own", where)
+            else:
+                log.warning("Faktory at %s refused the proxy's HELLO: %s", where, shown(answer))
+            transport.write(b"END\r\n")
+        except (asyncio.TimeoutError, ConnectionError, msgspec.DecodeError, ValueError) as e:
+            log.warning("Faktory at %s: handshake failed: %s", where, reason(e))
+        finally:
+            transport.close()
+
+
+class Probe(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.buf = b""
+        self.waiter: Optional[asyncio.Future] = None
+        self.gone = False
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self._wake()
+
+    def connection_lost(self, exc) -> None:
+        self.gone = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            if self.gone:
+                raise ConnectionError("closed the connection")
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+
+def run(settings: Settings, upstream: Upstream, host: str, port: int, max_line: int,
+        idle_timeout: Optional[float], max_connections: int, handshake_timeout: float,
+        fast_loop: bool = True) -> None:
+    """Serve the proxy until SIGINT/SIGTERM (Redis problems at start: TrackerError)."""
+    server = ProxyServer(settings, fwp.partitions_of(settings),
+                         fwp.Limits(max_line, idle_timeout, max_connections, handshake_timeout),
+                         upstream)
+    factory = uvloop.new_event_loop if fast_loop and uvloop is not None else None
+    fwp.run_server(server, host, port, factory)
