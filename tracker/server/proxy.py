@@ -55,6 +55,7 @@ log = logging.getLogger("tracker.server.proxy")
 CONNECT_TIMEOUT = 5.0
 PAUSE_AT = 256 * 1024  # unparsed client bytes held while a TRACK waits
 HELLO = b"HELLO"
+UNOBSERVED = (None, None)
 OBSERVED = frozenset((b"PUSH", b"PUSHB", b"FETCH", b"ACK", b"FAIL"))
 
 
@@ -133,7 +134,16 @@ class UpstreamSide(asyncio.Protocol):
         self.client.up = self
 
     def data_received(self, data: bytes) -> None:
-        self.client.upstream_data(data)
+        c = self.client
+        if c.awaiting and c.awaiting[0] is UNOBSERVED and not c.replies.buf \
+                and data[:1] in (b"+", b"-") and data.find(b"\n") == len(data) - 1 \
+                and not c.closed and c.local is None and not c.buf:
+            c.awaiting.popleft()  # the common case: one status reply, nothing to observe
+            c.transport.write(data)
+            if c.closing:
+                c._finish()
+            return
+        c.upstream_data(data)
 
     def connection_lost(self, exc) -> None:
         self.client.upstream_lost()
@@ -217,8 +227,29 @@ class ClientSide(asyncio.Protocol):
         if self.closing:
             return
         self.active = time.monotonic()
+        if not self.buf and self.authed and self.local is None and not self.ended \
+                and self.up is not None and data.find(b"\n") == len(data) - 1 \
+                and len(data) <= self.server.limits.max_line:
+            # The common case, one whole command per read: no buffering.
+            verb, _, rest = data.partition(b" ")
+            if verb in OBSERVED:
+                end = -2 if rest.endswith(b"\r\n") else -1
+                self._forward(verb, rest[:end])
+                self.up.transport.write(data)  # type: ignore[union-attr]
+                return
+            if verb != b"TRACK" and not verb.startswith((b"END", b"TRACK")):
+                self.awaiting.append(UNOBSERVED)
+                self.up.transport.write(data)  # type: ignore[union-attr]
+                return
         self.buf += data
         self.process()
+
+    def _forward(self, verb: bytes, rest: bytes) -> None:
+        ctx = self.obs.forward(verb, rest)
+        if ctx is None and verb in (b"PUSH", b"PUSHB"):
+            self.awaiting.append(UNOBSERVED)  # no tracked job in it: nothing to see in its reply
+        else:
+            self.awaiting.append((verb, ctx))
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -292,14 +323,16 @@ class ClientSide(asyncio.Protocol):
                     break
                 send.append(raw)
                 if verb in OBSERVED:
-                    self.awaiting.append((verb, self.obs.forward(verb, rest)))
+                    self._forward(verb, rest)
                 else:
-                    self.awaiting.append((None, None))
+                    self.awaiting.append(UNOBSERVED)
         if send and self.up is not None and self.up.transport is not None:
-            self.up.transport.write(b"".join(send))
+            self.up.transport.write(send[0] if len(send) == 1 else b"".join(send))
         if self.local is not None and not self.awaiting:
             self._run_local()
-        self.reading(buf_full=len(buf) > PAUSE_AT)
+        full = len(buf) > PAUSE_AT
+        if full != self.buf_full:
+            self.reading(buf_full=full)
 
     # -- replies from Faktory ---------------------------------------------------------
     def upstream_data(self, data: bytes) -> None:
@@ -330,8 +363,8 @@ class ClientSide(asyncio.Protocol):
             self._finish()
         elif self.local is not None and not self.awaiting:
             self._run_local()
-        else:
-            self.process()
+        elif self.buf or self.eof:
+            self.process()  # lines held back by a handshake or a TRACK
 
     def upstream_lost(self) -> None:
         self.up = None
