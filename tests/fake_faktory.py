@@ -25,6 +25,7 @@ import hashlib
 import json
 import random
 import re
+import ssl
 import threading
 from collections import deque
 from typing import Any, Optional
@@ -63,8 +64,10 @@ def err(text: str | bytes) -> bytes:
 
 class FakeFaktory:
     def __init__(self, password: Optional[str] = None, fetch_wait: float = 2.0,
-                 retry_delay: Optional[float] = None, handshake: float = 2.0):
+                 retry_delay: Optional[float] = None, handshake: float = 2.0,
+                 tls: Optional[ssl.SSLContext] = None):
         self.password = password
+        self.tls = tls
         self.fetch_wait = fetch_wait  # Faktory's BRPOP blocks 2 s
         self.retry_delay = retry_delay  # None: retries stay in the retry set (as for ~20 s)
         self.handshake = handshake
@@ -93,7 +96,7 @@ class FakeFaktory:
     def up(self) -> int:
         async def start():
             self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port,
-                                                      reuse_address=True)
+                                                      reuse_address=True, ssl=self.tls)
             return self._server.sockets[0].getsockname()[1]
         self.port = self._call(start())
         return self.port

@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -48,10 +49,11 @@ PASSWORD = "s3cret pass"
 class Proxy:
     """A ProxyServer on its own loop in a daemon thread."""
 
-    def __init__(self, d: Deployment, upstream: str, **limits):
+    def __init__(self, d: Deployment, upstream: str, ca_file=None, **limits):
         lim = dict(handshake_timeout=1.0, idle_timeout=None)
         lim.update(limits)
-        self.server = ProxyServer(d.settings, d.partitions, Limits(**lim), Upstream.parse(upstream))
+        self.server = ProxyServer(d.settings, d.partitions, Limits(**lim),
+                                  Upstream.parse(upstream, ca_file))
         ready = threading.Event()
         self.error = None
 
@@ -651,6 +653,47 @@ def test_upstream_sending_garbage(proxied, real_deployment):
     assert c.line() == b"-ERR tracker got an invalid reply from the Faktory server"
     assert c.closed()
     srv.close()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    openssl = shutil.which("openssl")
+    if not openssl:
+        missing("openssl is not installed")
+    d = tmp_path_factory.mktemp("proxy-tls")
+    run = lambda *a: subprocess.run(a, cwd=d, check=True, capture_output=True)  # noqa: E731
+    run(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+        "/CN=tracker-proxy-test-ca", "-keyout", "ca.key", "-out", "ca.crt")
+    run(openssl, "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+        "-keyout", "server.key", "-out", "server.csr")
+    (d / "ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    run(openssl, "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-days", "1", "-extfile", "ext", "-out", "server.crt")
+    return d
+
+
+def test_tls_upstream(certs, real_deployment):
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(certs / "server.crt", certs / "server.key")
+    f = FakeFaktory(password=PASSWORD, fetch_wait=0.3, tls=ctx)
+    made = []
+    try:
+        url = f"tcp+tls://:x@127.0.0.1:{f.port}"
+        good = Proxy(real_deployment, url, ca_file=str(certs / "ca.crt"))
+        made.append(good)
+        c = Wire(good.port)
+        assert c.hello(PASSWORD) == b"+OK"
+        assert c.cmd(b"PUSH " + job(new_jid())) == b"+OK"
+        untrusted = Proxy(real_deployment, url)  # the system's CAs do not know this one
+        made.append(untrusted)
+        bad = Wire(untrusted.port)
+        assert bad.line().startswith(
+            b"-ERR tracker cannot reach the Faktory server at tcp+tls://127.0.0.1:%d: " % f.port)
+        assert bad.closed()
+    finally:
+        for p in made:
+            p.stop()
+        f.close()
 
 
 def test_max_connections(fake, proxied):
