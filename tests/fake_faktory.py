@@ -96,7 +96,8 @@ class FakeFaktory:
     def up(self) -> int:
         async def start():
             self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port,
-                                                      reuse_address=True, ssl=self.tls)
+                                                      reuse_address=True, ssl=self.tls,
+                                                      limit=1 << 30)  # Faktory: no line limit
             return self._server.sockets[0].getsockname()[1]
         self.port = self._call(start())
         return self.port

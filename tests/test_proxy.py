@@ -596,6 +596,20 @@ def test_line_over_the_limit_closes_both_sides(fake, proxied, real_deployment):
     assert ok.cmd(b"PUSH " + job(new_jid())) == b"+OK"
 
 
+def test_a_long_line_within_the_limit_is_forwarded_whole(fake, proxied, real_deployment):
+    c = Wire(proxied(fake).port)  # --max-line 1 MiB; the proxy buffers 256 KiB before pausing
+    c.hello()
+    jid = new_jid()
+    line = b"PUSH " + job(jid, args=["y" * 900_000])
+    for i in range(0, len(line), 100_000):  # dribbled in, as a slow link delivers it
+        c.send(line[i:i + 100_000])
+        time.sleep(0.01)
+    c.send(b"\r\n")
+    assert c.line() == b"+OK"
+    assert fake.sent(b"PUSH") == [line + b"\r\n"]
+    assert kinds(real_deployment, jid) == ["enqueued"]
+
+
 def test_upstream_down_at_start_then_back(fake, proxied, real_deployment):
     fake.down()
     p = proxied(fake)
@@ -707,17 +721,25 @@ def test_max_connections(fake, proxied):
 
 
 def test_backpressure_a_client_that_does_not_read(fake, proxied):
-    p = proxied(fake, handshake_timeout=10)
+    p = proxied(fake, handshake_timeout=30)
     c = Wire(p.port)
     c.hello()
     c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     c.sock.settimeout(2)
+    big = b"PUSH " + job(new_jid(), track=False, args=["x" * 800_000]) + b"\r\nFETCH q\r\n"
     try:
-        c.send(b"INFO\r\n" * 20_000)
+        c.send(big * 12)  # ~10 MB of FETCH replies that nobody reads
     except (TimeoutError, OSError):
-        pass  # everyone stopped reading: the proxy holds a bounded amount
-    other = Wire(p.port)
-    other.hello()
+        pass
+    deadline = time.monotonic() + 30
+    stalled = False
+    while not stalled and time.monotonic() < deadline:
+        time.sleep(0.05)
+        stalled = any(conn.up is not None and not conn.up.transport.is_reading()
+                      for conn in list(p.server.conns))
+    assert stalled  # the proxy stopped reading Faktory for the client that does not read
+    other = Wire(p.port, timeout=30)
+    assert other.hello() == b"+OK"
     assert other.cmd(b"FETCH empty") == b"$-1"
     c.close()
 

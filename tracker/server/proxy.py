@@ -261,7 +261,9 @@ class ClientSide(asyncio.Protocol):
             self.up.transport.write(send[0] if len(send) == 1 else b"".join(send))
         if self.local is not None and not self.awaiting:
             self._run_local()
-        full = len(buf) > PAUSE_AT
+        # Stop reading only while lines wait on us (a TRACK, the handshake), never in the
+        # middle of a long line, which must be read whole.
+        full = len(buf) > PAUSE_AT and (self.local is not None or not self.authed)
         if full != self.buf_full:
             self.reading(buf_full=full)
 
