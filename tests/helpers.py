@@ -9,7 +9,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import socket
+import threading
 from typing import Optional
 
 import fakeredis
@@ -18,6 +22,7 @@ import redis
 
 import projections
 from tracker import events
+from tracker.server.fwp import Limits, Server, pwdhash
 from tracker.store import keys
 from tracker.store.deployment import Deployment
 from tracker.store.settings import Settings
@@ -77,6 +82,8 @@ def track_fields(t: projections.Track) -> dict:
         out[b"p"] = str(t.percent).encode()
     if t.desc is not None:
         out[b"d"] = t.desc.encode()
+    if t.queue is not None:
+        out[b"q"] = t.queue.encode()
     return out
 
 
@@ -114,3 +121,91 @@ def expected_snapshots(d: Deployment) -> dict:
     independent: no JID spans two, so folding them one after another is the fold)."""
     entries, _ = read_log(d)
     return {jid: track_fields(t) for jid, t in projections.fold(entries, d.ttl_ms).items()}
+
+
+# ------------------------------------------- the Faktory endpoint (tracker serve)
+class Running:
+    """A Server on its own loop in a daemon thread."""
+
+    def __init__(self, deployment: Deployment, password=None, **limits):
+        lim = dict(handshake_timeout=1.0)
+        lim.update(limits)
+        self.server = Server(deployment.settings, deployment.partitions, password, Limits(**lim))
+        ready = threading.Event()
+        self.error = None
+
+        def main():
+            try:
+                asyncio.run(self.server.serve("127.0.0.1", 0, ready))
+            except BaseException as e:  # pragma: no cover - shown by the assert below
+                self.error = e
+                ready.set()
+
+        self.thread = threading.Thread(target=main, daemon=True)
+        self.thread.start()
+        assert ready.wait(10) and self.error is None, self.error
+        self.port = self.server.port
+
+    def stop(self) -> None:
+        if not self.thread.is_alive():
+            return
+        self.server.stop()
+        self.thread.join(15)
+        assert not self.thread.is_alive()
+
+
+class Raw:
+    """A plain socket speaking the protocol by hand."""
+
+    def __init__(self, port: int, timeout: float = 5.0):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buf = b""
+
+    def line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError(self.buf)
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def reply(self) -> bytes:
+        """One reply: a line, or a bulk string's body."""
+        line = self.line()
+        if line.startswith(b"$") and line != b"$-1":
+            n = int(line[1:])
+            while len(self.buf) < n + 2:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise EOFError(self.buf)
+                self.buf += chunk
+            body, self.buf = self.buf[:n], self.buf[n + 2:]
+            return body
+        return line
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def hello(self, password=None, eol=b"\r\n") -> bytes:
+        hi = json.loads(self.line()[4:])
+        payload = {"hostname": "raw", "v": 2}
+        if password is not None:
+            payload["pwdhash"] = pwdhash(password, hi["s"], hi["i"])
+        self.send(b"HELLO " + json.dumps(payload).encode() + eol)
+        return self.line()
+
+    def closed(self, timeout: float = 5.0) -> bool:
+        """True once the server has closed (EOF or reset), reading past any replies."""
+        self.sock.settimeout(timeout)
+        try:
+            while self.sock.recv(65536):
+                pass
+            return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()

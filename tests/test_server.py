@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -27,7 +26,7 @@ import faktory
 import pytest
 import redis.asyncio as aredis
 from faktory.exceptions import FaktoryAuthenticationError
-from helpers import cleanup, missing
+from helpers import Raw, Running, cleanup, missing
 from pyfaktory import Client
 from pyfaktory.util.exceptions import FaktroyWorkProtocolError
 from redis.asyncio.retry import Retry
@@ -37,100 +36,12 @@ from tracker.aio import AsyncTracker
 from tracker.projector import Projector
 from tracker.publisher import Publisher
 from tracker.query import Tracker
-from tracker.server.fwp import Limits, Server, pwdhash
+from tracker.server.fwp import pwdhash
 from tracker.store.deployment import Deployment
 from tracker.store.settings import Settings
 
 JS = Path(__file__).parent / "js"
 PASSWORD = "s3cret pass"  # a space, as real passwords have
-
-
-# ----------------------------------------------------------------- harness
-class Running:
-    """A Server on its own loop in a daemon thread."""
-
-    def __init__(self, deployment: Deployment, password=None, **limits):
-        lim = dict(handshake_timeout=1.0)
-        lim.update(limits)
-        self.server = Server(deployment.settings, deployment.partitions, password, Limits(**lim))
-        ready = threading.Event()
-        self.error = None
-
-        def main():
-            try:
-                asyncio.run(self.server.serve("127.0.0.1", 0, ready))
-            except BaseException as e:  # pragma: no cover - shown by the assert below
-                self.error = e
-                ready.set()
-
-        self.thread = threading.Thread(target=main, daemon=True)
-        self.thread.start()
-        assert ready.wait(10) and self.error is None, self.error
-        self.port = self.server.port
-
-    def stop(self) -> None:
-        if not self.thread.is_alive():
-            return
-        self.server.stop()
-        self.thread.join(15)
-        assert not self.thread.is_alive()
-
-
-class Raw:
-    """A plain socket speaking the protocol by hand."""
-
-    def __init__(self, port: int, timeout: float = 5.0):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.buf = b""
-
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(self.buf)
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line
-
-    def reply(self) -> bytes:
-        """One reply: a line, or a bulk string's body."""
-        line = self.line()
-        if line.startswith(b"$") and line != b"$-1":
-            n = int(line[1:])
-            while len(self.buf) < n + 2:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    raise EOFError(self.buf)
-                self.buf += chunk
-            body, self.buf = self.buf[:n], self.buf[n + 2:]
-            return body
-        return line
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def hello(self, password=None, eol=b"\r\n") -> bytes:
-        hi = json.loads(self.line()[4:])
-        payload = {"hostname": "raw", "v": 2}
-        if password is not None:
-            payload["pwdhash"] = pwdhash(password, hi["s"], hi["i"])
-        self.send(b"HELLO " + json.dumps(payload).encode() + eol)
-        return self.line()
-
-    def closed(self, timeout: float = 5.0) -> bool:
-        """True once the server has closed (EOF or reset), reading past any replies."""
-        self.sock.settimeout(timeout)
-        try:
-            while self.sock.recv(65536):
-                pass
-            return True
-        except (ConnectionResetError, BrokenPipeError):
-            return True
-        except TimeoutError:
-            return False
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def serving(port: int, password=None) -> None:
@@ -520,6 +431,17 @@ def test_node_faktory_worker_round_trip(node, served, real_deployment, password)
     got = _node(node, port, password, "get", jid)["get"]
     assert (got["jid"], got["percent"], got["desc"], got["state"]) == (jid, 33, "from node",
                                                                           "enqueued")
+
+
+def test_node_faktory_worker_reads_its_own_track_set(node, served, real_deployment):
+    """TRACK SET then TRACK GET on one connection answers with the SET (no projector)."""
+    port = served().port
+    jid = f"node-rw-{uuid.uuid4().hex[:8]}"
+    tracked(real_deployment, jid)
+    got = _node(node, port, None, "setget", jid)
+    assert got["set"] == "OK"
+    assert (got["get"]["percent"], got["get"]["desc"], got["get"]["state"]) == (
+        12, "Calculating...", "enqueued")
 
 
 # ---------------------------------------------------------- hostile input

@@ -15,11 +15,16 @@ of one per request.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Optional
 
+import redis
 import redis.asyncio as aredis
 
 from tracker import answer, events
+from tracker.freshness import POLL, READER, STEP, Freshness, behind
+from tracker.listing import Merge, Query, TrackPage
+from tracker.projector import project_call
 from tracker.query import get_call, plan
 from tracker.store import keys, scripts
 from tracker.store.boundary import check, redis_errors
@@ -38,11 +43,13 @@ class AsyncTracker:
     Build it with ``await AsyncTracker.open(settings)``.
     """
 
-    def __init__(self, client: aredis.Redis, settings: Settings, partitions: int):
+    def __init__(self, client: aredis.Redis, settings: Settings, partitions: int, ttl: int):
         self.client = client
         self.settings = settings
         self.prefix = settings.prefix
         self.partitions = partitions
+        self.ttl_ms = ttl * 1000
+        self.fresh = Freshness(settings)
         self._waiting: dict[int, list[tuple[str, asyncio.Future]]] = {}
         self._scheduled = False
         self._inflight = 0
@@ -50,13 +57,15 @@ class AsyncTracker:
     @classmethod
     async def open(cls, settings: Settings, partitions: Optional[int] = None,
                    max_connections: int = 32) -> AsyncTracker:
-        """Connect; the partition count comes from Redis via the sync ``Deployment.open``
-        (same version check, same agreement rule) unless the caller already knows it."""
-        if partitions is None:
-            d = await asyncio.to_thread(Deployment.open, settings)
-            partitions = d.partitions
+        """Connect; the partition count and TTL come from Redis via the sync
+        ``Deployment.open`` (same version check, same agreement rule)."""
+        d = await asyncio.to_thread(Deployment.open, settings)
+        if partitions is not None and partitions != d.partitions:
             d.close()
-        t = cls(create_async_client(settings, max_connections), settings, partitions)
+            raise ValueError(f"partitions: the deployment has {d.partitions}, not {partitions}")
+        partitions, ttl = d.partitions, d.ttl
+        d.close()
+        t = cls(create_async_client(settings, max_connections), settings, partitions, ttl)
         await t.load_scripts()
         return t
 
@@ -105,11 +114,7 @@ class AsyncTracker:
 
     async def _fetch(self, batch: dict[int, list[tuple[str, asyncio.Future]]]) -> None:
         try:
-            calls = [get_call(self.prefix, part, [jid for jid, _ in group])
-                     for part, group in batch.items()]
-            with redis_errors(self.settings):
-                replies = [check(self.settings, r)
-                           for r in await scripts.arun(self.client, "get", calls)]
+            replies = await self._rows(batch)
         except BaseException as e:  # every waiter hears about it, nothing hangs
             for group in batch.values():
                 for _jid, fut in group:
@@ -120,13 +125,84 @@ class AsyncTracker:
         else:
             for group, reply in zip(batch.values(), replies):
                 now = int(reply[0])
-                for (jid, fut), row in zip(group, reply[1:]):
+                for (jid, fut), row in zip(group, reply[2:]):
                     if not fut.done():
                         fut.set_result(answer.track_answer(jid, row, now))
         finally:
             self._inflight -= 1
             if self._waiting:
                 self._flush()  # what queued up meanwhile goes now, as one batch
+
+    async def _rows(self, batch: dict[int, list[tuple[str, asyncio.Future]]]) -> list:
+        """get.lua's reply per partition of ``batch`` (the twin of ``Tracker._read``)."""
+        replies = await self._fresh("get", list(batch), lambda part, need: get_call(
+            self.prefix, part, [jid for jid, _ in batch[part]], need))
+        return [replies[p] for p in batch]
+
+    async def _fresh(self, script: str, parts: list[int],
+                     call: Callable[[int, str], scripts.Call]) -> dict[int, list]:
+        """A read script on ``parts`` once their fold has reached the log's tip (the twin
+        of ``Tracker._fresh``; see tracker.freshness)."""
+        needs = {part: self.fresh.need for part in parts}
+        done: dict[int, list] = {}
+        deadline = 0.0
+        while needs:
+            order = list(needs)
+            with redis_errors(self.settings):
+                replies = await scripts.arun(self.client, script,
+                                             [call(p, needs[p]) for p in order])
+            waiting = {}
+            for part, reply in zip(order, replies):
+                need = behind(check(self.settings, reply))
+                if need:
+                    waiting[part] = need
+                else:
+                    done[part] = reply
+            if waiting:
+                deadline = deadline or self.fresh.deadline()
+                for part, need in waiting.items():
+                    self.fresh.check(deadline, part, need)
+                if await self._advance(list(waiting)):
+                    deadline = self.fresh.deadline()
+            needs = waiting
+        return done
+
+    async def list_tracks(self, state: str, queue: Optional[str] = None, limit: int = 50,
+                          cursor: Optional[str] = None) -> TrackPage:
+        """``Tracker.list_tracks`` on asyncio: live tracks by state, newest update first."""
+        q = Query.of(state, queue, limit, cursor)
+        merge = Merge(q, list(range(self.partitions)))
+        while pending := merge.pending():
+            replies = await self._fresh("list", pending, lambda part, need: q.call(
+                self.prefix, part, need, merge.at[part]))
+            for part, reply in replies.items():
+                merge.add(part, reply)
+        return merge.page()
+
+    async def _advance(self, parts: list[int]) -> bool:
+        """Fold ``parts`` towards the log's tip with project.lua, or wait (freshness);
+        whether it folded anything."""
+        if not self.fresh.folds:
+            await asyncio.sleep(POLL)
+            return False
+        calls = [project_call(self.prefix, p, READER, STEP, self.ttl_ms,
+                              self.settings.grace * 1000) for p in parts]
+        with redis_errors(self.settings):
+            replies = await scripts.arun(self.client, "project", calls)
+            for part, reply in zip(parts, replies):
+                if isinstance(reply, Exception) and "NOGROUP" in str(reply):
+                    await self._create_group(part)
+                elif self.fresh.pause_after(reply):
+                    await asyncio.sleep(POLL)
+        return self.fresh.progressed(replies)
+
+    async def _create_group(self, part: int) -> None:
+        try:
+            await self.client.xgroup_create(keys.stream(self.prefix, part), keys.GROUP, id="0",
+                                            mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
 
     # ------------------------------------------------------------------ SET
     async def set_json(self, payload: bytes | str) -> str:

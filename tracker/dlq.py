@@ -144,7 +144,8 @@ def retry(d: Deployment, ids: Iterable[str] = (), partition: Optional[int] = Non
             flat = [x for pair in dict(dl.fields).items() for x in pair]
             new_id = scripts.call(
                 d.client, "dlq_retry",
-                [keys.stream(d.prefix, dl.partition), keys.dlq(d.prefix, dl.partition)],
+                [keys.stream(d.prefix, dl.partition), keys.dlq(d.prefix, dl.partition),
+                 keys.fence(d.prefix, dl.partition)],
                 [dl.dlq_id, *flat])
             if new_id is None:  # another retry moved it first
                 result.missing.append(dl.ref)

@@ -89,7 +89,8 @@ def history(d: Deployment, jid: str) -> History:
     part = d.partition(jid)
     with d.errors():
         reply = scripts.call(d.client, "history", [keys.stream(d.prefix, part),
-                                                   keys.history(d.prefix, part, jid)])
+                                                   keys.history(d.prefix, part, jid),
+                                                   keys.fence(d.prefix, part)])
     entries = []
     for item in reply[2:]:
         eid, flat = item[0], item[1]

@@ -32,6 +32,16 @@ def default_consumer() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def project_call(prefix: str, part: int, consumer: str, batch: int, ttl_ms: int, grace_ms: int,
+                 claim_idle_ms: int = 60_000, dlq_maxlen: int = 100_000) -> scripts.Call:
+    """KEYS and ARGV of project.lua: one atomic fold step of one partition. Readers that
+    catch a partition up (tracker.query, tracker.aio) send the very same call."""
+    return ([keys.stream(prefix, part), keys.dlq(prefix, part), keys.stats(prefix, part),
+             keys.fence(prefix, part)],
+            [keys.GROUP, consumer, batch, keys.snapshot_prefix(prefix, part), ttl_ms, grace_ms,
+             claim_idle_ms, dlq_maxlen, *LIMITS])
+
+
 class Step(NamedTuple):
     """What one call of project.lua did to one partition."""
 
@@ -78,11 +88,10 @@ class Projector:
         self._warned_lag: set[int] = set()
 
     # -- one step -------------------------------------------------------------
-    def _args(self, part: int) -> tuple[list, list]:
-        p = self.d.prefix
-        return ([keys.stream(p, part), keys.dlq(p, part), keys.stats(p, part)],
-                [keys.GROUP, self.consumer, self.batch, keys.snapshot_prefix(p, part),
-                 self.d.ttl_ms, self.d.grace_ms, self.claim_idle_ms, self.dlq_maxlen, *LIMITS])
+    def call(self, part: int) -> scripts.Call:
+        """This projector's project.lua call for one partition."""
+        return project_call(self.d.prefix, part, self.consumer, self.batch, self.d.ttl_ms,
+                            self.d.grace_ms, self.claim_idle_ms, self.dlq_maxlen)
 
     def ensure_group(self, part: int, client=None) -> None:
         """Create the partition's stream and group if missing (from the log's start)."""
@@ -96,7 +105,7 @@ class Projector:
     def step(self, part: int, client: Any = None) -> Step:
         """Fold one batch of one partition."""
         client = client or self.d.client
-        k, a = self._args(part)
+        k, a = self.call(part)
         try:
             step = Step.of(scripts.call(client, "project", k, a))
         except redis.ResponseError as e:
@@ -141,7 +150,7 @@ class Projector:
                 self.ensure_group(part)
             while busy and not self.stopping.is_set():
                 order = sorted(busy)
-                replies = scripts.run(self.d.client, "project", [self._args(p) for p in order])
+                replies = scripts.run(self.d.client, "project", [self.call(p) for p in order])
                 for part, reply in zip(order, replies):
                     if isinstance(reply, Exception):
                         if "NOGROUP" in str(reply):

@@ -9,10 +9,14 @@ command across partitions.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
 from tracker import answer, events, history
+from tracker.freshness import POLL, READER, STEP, Freshness, behind
+from tracker.listing import Merge, Query, TrackPage
+from tracker.projector import Projector
 from tracker.publisher import Publisher
 from tracker.store import keys, scripts
 from tracker.store.boundary import check
@@ -20,10 +24,11 @@ from tracker.store.deployment import Deployment
 from tracker.store.settings import Settings
 
 
-def get_call(prefix: str, part: int, jids: list[str]) -> scripts.Call:
-    """KEYS and ARGV of get.lua for some JIDs of one partition (sync and asyncio callers)."""
-    return ([keys.stream(prefix, part), keys.meta(prefix, part)],
-            [keys.snapshot_prefix(prefix, part), *jids])
+def get_call(prefix: str, part: int, jids: list[str], need: str = "") -> scripts.Call:
+    """KEYS and ARGV of get.lua for some JIDs of one partition (sync and asyncio callers):
+    ``need`` is the entry the fold must have reached ('' for the log's tip now)."""
+    return ([keys.stream(prefix, part), keys.meta(prefix, part), keys.fence(prefix, part)],
+            [keys.snapshot_prefix(prefix, part), need, *jids])
 
 
 def plan(partitions: int, jids: list[str]) -> dict[int, list[int]]:
@@ -41,6 +46,8 @@ class Tracker:
     def __init__(self, deployment: Deployment):
         self.deployment = deployment
         self.publisher = Publisher(deployment)
+        self.fresh = Freshness(deployment.settings)
+        self._folder = Projector(deployment, consumer=READER, batch=STEP)
 
     @classmethod
     def connect(cls, redis_url: Optional[str] = None, **settings: Any) -> Tracker:
@@ -56,19 +63,81 @@ class Tracker:
         self.close()
 
     def _rows(self, jids: list[str]) -> tuple[list, int]:
+        """get.lua's rows for ``jids`` (one round trip when the fold is not behind)."""
+        return self._read(plan(self.deployment.partitions, jids), jids)
+
+    def settle(self, parts: Iterable[int]) -> None:
+        """Bring the fold of ``parts`` to the log's tip now (what every read does first)."""
+        self._read({p: [] for p in parts}, [])
+
+    def _read(self, groups: dict[int, list[int]], jids: list[str]) -> tuple[list, int]:
         d = self.deployment
-        groups = plan(d.partitions, jids)
-        calls = [get_call(d.prefix, part, [jids[i] for i in idx]) for part, idx in groups.items()]
-        with d.errors():
-            replies = scripts.run(d.client, "get", calls)
+        replies = self._fresh("get", list(groups), lambda part, need: get_call(
+            d.prefix, part, [jids[i] for i in groups[part]], need))
         rows: list = [None] * len(jids)
         now = 0
-        for idx, reply in zip(groups.values(), replies):
-            check(d.settings, reply)
+        for part, reply in replies.items():
             now = int(reply[0])
-            for i, row in zip(idx, reply[1:]):
+            for i, row in zip(groups[part], reply[2:]):
                 rows[i] = row
         return rows, now
+
+    def _fresh(self, script: str, parts: list[int],
+               call: Callable[[int, str], scripts.Call]) -> dict[int, list]:
+        """Run a read script (get.lua, list.lua) on ``parts``, once the fold of each has
+        reached the log's tip: ``call(part, need)`` builds its KEYS and ARGV."""
+        d = self.deployment
+        needs = {part: self.fresh.need for part in parts}
+        done: dict[int, list] = {}
+        deadline = 0.0
+        while needs:
+            order = list(needs)
+            with d.errors():
+                replies = scripts.run(d.client, script, [call(p, needs[p]) for p in order])
+            waiting = {}
+            for part, reply in zip(order, replies):
+                need = behind(check(d.settings, reply))
+                if need:
+                    waiting[part] = need
+                else:
+                    done[part] = reply
+            if waiting:
+                deadline = deadline or self.fresh.deadline()
+                for part, need in waiting.items():
+                    self.fresh.check(deadline, part, need)
+                if self._advance(list(waiting)):
+                    deadline = self.fresh.deadline()
+            needs = waiting
+        return done
+
+    def list_tracks(self, state: str, queue: Optional[str] = None, limit: int = 50,
+                    cursor: Optional[str] = None) -> TrackPage:
+        """Live tracks in ``state`` (and ``queue``), newest update first, a page at a time:
+        pass ``next_cursor`` back for the next page. From the state index, never a scan."""
+        q = Query.of(state, queue, limit, cursor)
+        merge = Merge(q, list(range(self.deployment.partitions)))
+        while pending := merge.pending():
+            replies = self._fresh("list", pending, lambda part, need: q.call(
+                self.deployment.prefix, part, need, merge.at[part]))
+            for part, reply in replies.items():
+                merge.add(part, reply)
+        return merge.page()
+
+    def _advance(self, parts: list[int]) -> bool:
+        """Bring the fold of ``parts`` closer to the log's tip (see tracker.freshness);
+        whether it folded anything."""
+        d = self.deployment
+        if not self.fresh.folds:
+            time.sleep(POLL)
+            return False
+        with d.errors():
+            replies = scripts.run(d.client, "project", [self._folder.call(p) for p in parts])
+            for part, reply in zip(parts, replies):
+                if isinstance(reply, Exception) and "NOGROUP" in str(reply):
+                    self._folder.ensure_group(part)
+                elif self.fresh.pause_after(reply):
+                    time.sleep(POLL)
+        return self.fresh.progressed(replies)
 
     def get(self, jid: str) -> dict:
         """TRACK GET: the contract's JSON object for one JID (never None)."""
@@ -89,7 +158,13 @@ class Tracker:
             at = int(at.timestamp() * 1000)
         elif isinstance(at, str):
             at = history.parse_at(self.deployment, at)
+        self.settle([self.deployment.partition(events.check_jid(jid))])
         return history.track_at(self.deployment, jid, int(at))
+
+    def history(self, jid: str) -> history.History:
+        """The job's events in log order, with everything in the log folded first."""
+        self.settle([self.deployment.partition(events.check_jid(jid))])
+        return history.history(self.deployment, jid)
 
     def reserved_until(self, jid: str) -> Optional[dt.datetime]:
         """The job's effective reservation (extended by reserve_until), or None.

@@ -3,6 +3,7 @@
 // Usage: node track.js PORT PASSWORD MODE JID   (PASSWORD "-" for none)
 //   MODE set:   TRACK SET, bad TRACK SET, TRACK GET of an unknown JID, a wrong password
 //   MODE get:   TRACK GET of JID
+//   MODE setget: TRACK SET then TRACK GET of JID on one connection (read-your-writes)
 // Prints one JSON object on stdout; exits 1 on any unexpected failure.
 "use strict";
 const { Client } = require("faktory-worker");
@@ -31,6 +32,10 @@ async function main() {
       } catch (e) {
         out.wrong_password = String(e.message);
       }
+    } else if (mode === "setget") {
+      out.set = await client.sendWithAssert(
+        ["TRACK", "SET", JSON.stringify({ jid, percent: 12, desc: "Calculating..." })], "OK");
+      out.get = JSON.parse(await client.send(["TRACK", "GET", jid]));
     } else {
       out.get = JSON.parse(await client.send(["TRACK", "GET", jid]));
     }

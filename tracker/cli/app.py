@@ -30,6 +30,7 @@ class App:
         self.settings = settings
         self.verbose = verbose
         self._deployment: Optional[Deployment] = None
+        self._tracker: Optional[Tracker] = None
 
     @property
     def deployment(self) -> Deployment:
@@ -39,7 +40,9 @@ class App:
 
     @property
     def tracker(self) -> Tracker:
-        return Tracker(self.deployment)
+        if self._tracker is None:
+            self._tracker = Tracker(self.deployment)
+        return self._tracker
 
 
 pass_app = click.make_pass_decorator(App)

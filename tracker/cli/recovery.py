@@ -79,7 +79,7 @@ def replay(app, partition, verify, keep_old, force, as_json):
 @pass_app
 def history(app, jid, as_json):
     """A job's events in order (time, event, fields), also after its track expired."""
-    h = hist.history(app.deployment, jid)
+    h = app.tracker.history(jid)
     if h.trimmed:
         click.echo(f"{jid}: {len(h.trimmed)} earlier events are past retention (trimmed)",
                    err=True)
@@ -129,6 +129,8 @@ def export(app, since, until, jid, output):
     d = app.deployment
     lo = hist.parse_at(d, since, "since") if since else None
     hi = hist.parse_at(d, until, "until") if until else None
+    if jid:  # one job's entries come from its history index: fold the log first
+        app.tracker.settle([d.partition(jid)])
     prog = Progress("export", None if jid else rp.log_length(d))
     try:
         n = archive.export(d, output, lo, hi, jid, prog)

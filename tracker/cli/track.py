@@ -107,7 +107,7 @@ def get(app, jids, at):
     if at is not None:
         when = history.parse_at(app.deployment, at)
         for jid in jids:
-            echo_json(history.track_at(app.deployment, jid, when))
+            echo_json(app.tracker.get_at(jid, when))
         return
     for answer in app.tracker.get_many(jids):
         echo_json(answer)

@@ -28,6 +28,18 @@ def stream(prefix: str, partition: int) -> str:
     return f"{tag(prefix, partition)}:log"
 
 
+def fence(prefix: str, partition: int) -> str:
+    """A key no command ever writes, declared by every script call of the partition.
+
+    On Redis Cluster, while the partition's slot migrates, Redis refuses a script whose
+    declared keys are partly on each node (or, with one missing, on the source) with
+    TRYAGAIN; the fence, always missing, makes that true of every call, so a script
+    never runs on half a partition (its undeclared keys, built in Lua, would read as
+    absent or land on the wrong node). The caller retries until the slot has moved.
+    """
+    return f"{tag(prefix, partition)}:fence"
+
+
 def dlq(prefix: str, partition: int) -> str:
     """Entries the fold refused, each with its reason and original fields."""
     return f"{tag(prefix, partition)}:dlq"
@@ -99,6 +111,19 @@ def replay_held(prefix: str, partition: int) -> str:
 def replay_partial(prefix: str, partition: int) -> str:
     """Set of JIDs whose first events were trimmed: the rebuild keeps their live snapshot."""
     return f"{tag(prefix, partition)}:replay:partial"
+
+
+def state_index_prefix(prefix: str, partition: int, gen: int = 0) -> str:
+    """State index keys of generation ``gen`` are this prefix plus the state (Lua derives
+    it from the snapshot prefix: snapshot.lua Snap.index). ``{p}:s:`` can meet no other
+    key: ``{p}:stats`` has no ``:`` after its ``s``."""
+    return f"{tag(prefix, partition)}:s{gen or ''}:"
+
+
+def state_index(prefix: str, partition: int, state: str, gen: int = 0) -> str:
+    """Sorted set of the tracks in ``state`` (score: updated_at ms; member: the JID),
+    kept by the projector in the same step as the snapshots, for listing by state."""
+    return state_index_prefix(prefix, partition, gen) + state
 
 
 # ------------------------------------------------------------------- proxy

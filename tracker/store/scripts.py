@@ -31,11 +31,12 @@ _FOLD = Path(projections.__file__).parent / "track.lua"
 
 # Each script's parts, in order ("fold" is projections/track.lua, the rest store/lua/).
 _PARTS = {
-    "project": ("fold", "snapshot", "project"),
-    "replay": ("fold", "snapshot", "replay"),
-    "history": ("snapshot", "history"),
-    "trim": ("snapshot", "trim"),
-    "get": ("get",),
+    "project": ("fold", "ids", "snapshot", "project"),
+    "replay": ("fold", "ids", "snapshot", "replay"),
+    "history": ("ids", "snapshot", "history"),
+    "trim": ("ids", "snapshot", "trim"),
+    "get": ("ids", "get"),
+    "list": ("ids", "list"),
     "dlq_retry": ("dlq_retry",),
 }
 

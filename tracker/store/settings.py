@@ -20,6 +20,7 @@ from tracker.store import embedded
 DEFAULT_PARTITIONS = 4
 DEFAULT_TTL = 1800
 DEFAULT_GRACE = 300
+READ_MODES = ("fold", "wait", "stale")  # see tracker/freshness.py
 MAX_PARTITIONS = 1024
 PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -61,6 +62,16 @@ def env_int(name: str) -> Optional[int]:
         raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
 
 
+def env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a number of seconds, got {raw!r}") from None
+
+
 @dataclass
 class Settings:
     redis_url: Optional[str] = None  # None: the embedded Redis under data_dir
@@ -70,6 +81,8 @@ class Settings:
     ttl: Optional[int] = None  # seconds a track outlives its last update / reservation;
     # None: whatever the deployment holds, else DEFAULT_TTL (a fold parameter, so stored)
     grace: int = DEFAULT_GRACE  # seconds a snapshot key outlives its logical expiry
+    read: str = "fold"  # how reads reach the log's tip: fold | wait | stale (freshness.py)
+    read_timeout: float = 5.0  # seconds a read may spend reaching it before it gives up
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -79,7 +92,9 @@ class Settings:
                 prefix=os.environ.get("TRACKER_PREFIX") or "tracker",
                 partitions=env_int("TRACKER_PARTITIONS"),
                 ttl=env_int("TRACKER_TTL"),
-                grace=DEFAULT_GRACE if grace is None else grace)
+                grace=DEFAULT_GRACE if grace is None else grace,
+                read=os.environ.get("TRACKER_READ") or "fold",
+                read_timeout=env_float("TRACKER_READ_TIMEOUT", 5.0))
         if os.environ.get("TRACKER_DATA_DIR"):
             s.data_dir = Path(os.environ["TRACKER_DATA_DIR"])
         for k, v in overrides.items():
@@ -98,6 +113,10 @@ class Settings:
             raise ConfigError(f"ttl: expected 1..10000000 seconds, got {self.ttl}")
         if not 0 <= self.grace <= 10**7:
             raise ConfigError(f"grace: expected 0..10000000 seconds, got {self.grace}")
+        if self.read not in READ_MODES:
+            raise ConfigError(f"read: expected one of {', '.join(READ_MODES)}, got {self.read!r}")
+        if not 0 < self.read_timeout <= 3600:
+            raise ConfigError(f"read-timeout: expected 0..3600 seconds, got {self.read_timeout}")
         if self.redis_url is not None and not re.match(r"(rediss?|unix)://", self.redis_url):
             raise ConfigError(f"redis-url: expected redis://, rediss:// or unix://, "
                               f"got {redact(self.redis_url)!r}")

@@ -2,6 +2,7 @@
 --
 -- KEYS[1]  the partition's stream     {prefix:p}:log
 -- KEYS[2]  its dead-letter stream     {prefix:p}:dlq
+-- KEYS[3]  its fence (never written)  {prefix:p}:fence
 -- ARGV[1]  the dead letter's ID in KEYS[2]
 -- ARGV[2..] the original fields, as field, value pairs
 -- Returns the new log entry ID, or false when the dead letter was already gone

@@ -2,6 +2,7 @@
 -- tracker/store/lua/snapshot.lua (Snap.unpack_id).
 --
 -- KEYS[1]  the partition's stream {p}:log     KEYS[2]  the job's index {p}:h:<jid>
+-- KEYS[3]  the partition's fence {p}:fence (never written; see tracker/store/keys.py)
 -- Returns {first entry ID of the stream or '', {IDs missing from the log},
 --          {id, fields} ...}. An entry is missing once retention trimmed it; the
 -- index outlives it by design (it expires with the job's newest entry).

@@ -5,6 +5,7 @@
 -- KEYS[1]  the partition's stream            {prefix:p}:log
 -- KEYS[2]  its dead-letter stream            {prefix:p}:dlq
 -- KEYS[3]  its stats hash                    {prefix:p}:stats
+-- KEYS[4]  its fence (never written)          {prefix:p}:fence  (see tracker/store/keys.py)
 -- ARGV[1]  consumer group name
 -- ARGV[2]  consumer name
 -- ARGV[3]  batch size (entries)
@@ -18,6 +19,7 @@
 --             reserve_default reserve_min reserve_max
 -- Returns {entries folded, entries dead-lettered, last ID, claimed, waiting}: the last
 -- ID is the batch's last entry, or with an empty batch the stream's newest entry.
+-- Writes {prefix:p}:meta pos, the newest entry folded, which get.lua reads.
 --
 -- Why this shape: the read (XREADGROUP), the fold, the snapshot writes and the
 -- XACK happen in one script, so Redis runs them as one step. An entry is
@@ -63,14 +65,20 @@ else
     if type(reply[1]) == 'table' then entries = reply[1][2] else entries = reply[2] end
   end
 end
-if #entries == 0 then
-  -- Nothing to fold: return the newest ID so the caller can block for anything later.
-  local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
-  return {0, 0, newest[1] and newest[1][1] or '0-0', claimed, 0}
-end
-
 -- The live generation's snapshot prefix and the history index (see snapshot.lua).
 local meta, hist = Snap.keys(snap)
+
+if #entries == 0 then
+  -- Nothing to fold: everything delivered is folded, so the fold stands at the newest
+  -- entry (get.lua compares it with what a reader needs). Return that ID so the caller
+  -- can block for anything later.
+  local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+  newest = newest[1] and newest[1][1] or '0-0'
+  if claimed == 0 and newest ~= '0-0' and redis.call('HGET', meta, 'pos') ~= newest then
+    redis.call('HSET', meta, 'pos', newest)
+  end
+  return {0, 0, newest, claimed, 0}
+end
 local retention
 snap, retention = Snap.settings(meta, snap)
 
@@ -98,11 +106,14 @@ for i, entry in ipairs(entries) do
 end
 
 for jid, t in pairs(tracks) do
-  Snap.write(snap .. jid, t, batch.orig[jid], t and t.x + grace)
+  Snap.write(snap, jid, t, batch.orig[jid], t and t.x + grace)
 end
 Snap.flush_index(hist, hidx, retention)
 
 redis.call('XACK', stream, group, unpack(ids))
+-- The newest entry folded, for readers (get.lua); entries claimed from another reader
+-- are older than what the group already delivered, so they do not move it.
+if claimed == 0 then redis.call('HSET', meta, 'pos', ids[#ids]) end
 redis.call('HINCRBY', stats, 'applied', #entries - poisoned)
 if poisoned > 0 then redis.call('HINCRBY', stats, 'dead_lettered', poisoned) end
 return {#entries, poisoned, ids[#ids], claimed, 0}
