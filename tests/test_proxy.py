@@ -33,7 +33,6 @@ from pyfaktory.models import Job
 
 from tracker import events
 from tracker.projector import Projector
-from tracker.publisher import Publisher
 from tracker.query import Tracker
 from tracker.server.fwp import Limits
 from tracker.server.proxy import ProxyServer, Upstream
@@ -223,24 +222,6 @@ def proxied(real_deployment):
         p.stop()
 
 
-@pytest.fixture(scope="module")
-def folds_on_read(real_redis_url):
-    """Whether ``get`` answers the fold of the log up to its tip without a projector
-    (the core's read-your-writes, issue 10). Tests that need it say so when it is not."""
-    d = Deployment.open(Settings(redis_url=real_redis_url, prefix="t" + uuid.uuid4().hex[:12]))
-    try:
-        Publisher(d).enqueued("probe-fold-on-read", {"track": 1})
-        return Tracker(d).get("probe-fold-on-read")["state"] == "enqueued"
-    finally:
-        cleanup(d.client, d.prefix)
-        d.close()
-
-
-def needs_fold_on_read(folds: bool) -> None:
-    if not folds:
-        pytest.xfail("needs reads that fold the log to its tip (the core's read-your-writes)")
-
-
 # ------------------------------------------------------ handshake and auth
 def test_greeting_is_relayed_verbatim(fake, fake_pw, proxied):
     for f in (fake, fake_pw):
@@ -347,8 +328,7 @@ def test_track_waits_for_the_replies_before_it(fake, proxied, real_deployment):
     assert kinds(real_deployment, jid) == ["enqueued", "working", "trackset", "success"]
 
 
-def test_track_get_waits_for_the_events_of_earlier_commands(fake, proxied, real_deployment,
-                                                             folds_on_read):
+def test_track_get_waits_for_the_events_of_earlier_commands(fake, proxied, real_deployment):
     p = proxied(fake)
     srv = p.server
     seen = []
@@ -366,8 +346,7 @@ def test_track_get_waits_for_the_events_of_earlier_commands(fake, proxied, real_
     assert c.line() == b"+OK"
     got = json.loads(c.reply())
     assert seen == [(True, 1)]  # the enqueued was appended before the read
-    needs_fold_on_read(folds_on_read)
-    assert got["state"] == "enqueued"
+    assert got["state"] == "enqueued"  # and the read folds the log up to it
     c.send(b"FETCH q\r\nTRACK GET " + jid.encode() + b"\r\n")
     c.reply()
     assert json.loads(c.reply())["state"] == "working"
@@ -841,8 +820,7 @@ def node():
 
 
 @pytest.mark.parametrize("password", [None, PASSWORD], ids=["open", "password"])
-def test_node_worker_processes_jobs_through_the_proxy(node, password, proxied, real_deployment,
-                                                       folds_on_read):
+def test_node_worker_processes_jobs_through_the_proxy(node, password, proxied, real_deployment):
     d = real_deployment
     f = FakeFaktory(password=password, fetch_wait=0.3)
     try:
@@ -864,8 +842,7 @@ def test_node_worker_processes_jobs_through_the_proxy(node, password, proxied, r
     assert Tracker(d).get(boom)["state"] == "failed"  # retry 1: one retry left
     # faktory-worker sends errtype `${e.code}`: "undefined" for a plain Error
     assert logged(d, boom)[-1] == ("failed", {"e": "undefined", "m": "boom from node"})
-    needs_fold_on_read(folds_on_read)
-    assert out["after_push"]["state"] == "enqueued"
+    assert out["after_push"]["state"] == "enqueued"  # read-your-writes through the proxy
     assert (out["during"]["state"], out["during"]["percent"]) == ("working", 50)
     assert out["after"]["state"] == "success"
 
