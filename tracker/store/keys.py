@@ -124,3 +124,11 @@ def state_index(prefix: str, partition: int, state: str, gen: int = 0) -> str:
     """Sorted set of the tracks in ``state`` (score: updated_at ms; member: the JID),
     kept by the projector in the same step as the snapshots, for listing by state."""
     return state_index_prefix(prefix, partition, gen) + state
+
+
+# ------------------------------------------------------------------- proxy
+def fetched(prefix: str, partition: int, jid: str) -> str:
+    """String ``"<retry> <retry_count at its next failure>"`` that ``tracker serve
+    --upstream`` keeps for a tracked job it saw fetched, with the reservation as TTL,
+    so an ACK or FAIL on any connection of any proxy process knows what to publish."""
+    return f"{tag(prefix, partition)}:f:{jid}"
