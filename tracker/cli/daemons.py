@@ -71,8 +71,8 @@ def project(app, consumer, once, batch, claim_idle, grace, as_json):
 @click.option("--max-connections", type=click.IntRange(1), default=1000, show_default=True)
 @click.option("--handshake-timeout", type=click.FloatRange(0.1), default=5.0, show_default=True,
               metavar="SECONDS", help="Time a client has to send HELLO.")
-@click.option("--no-uvloop", is_flag=True, help="With --upstream: use asyncio's own loop even "
-                                                "if uvloop is installed.")
+@click.option("--no-uvloop", is_flag=True, help="Use asyncio's own event loop even if uvloop is "
+                                                "installed (pip install 'tracker[fast]').")
 @pass_app
 def serve(app, upstream, upstream_ca, password, no_uvloop, **options):
     """Serve the Faktory Work Protocol: TRACK GET / TRACK SET for unmodified Faktory clients.
@@ -81,7 +81,7 @@ def serve(app, upstream, upstream_ca, password, no_uvloop, **options):
     point FAKTORY_URL at tracker and tracked jobs get Enterprise-style tracking.
     """
     if not upstream:
-        fwp.run(app.settings, password=password, **options)
+        fwp.run(app.settings, password=password, fast_loop=not no_uvloop, **options)
         return
     if password:
         raise ConfigError("password: not used with --upstream (clients authenticate with the "

@@ -35,6 +35,12 @@ from tracker.store.settings import Settings
 
 __all__ = ["Connection", "Hello", "Limits", "Server", "pwdhash", "run"]
 
+uvloop: Any
+try:  # optional: a faster event loop for socket-heavy work (pip install 'tracker[fast]')
+    import uvloop
+except ImportError:  # pragma: no cover - depends on the environment
+    uvloop = None
+
 log = logging.getLogger("tracker.server")
 
 PROTOCOL_VERSION = 2
@@ -345,7 +351,8 @@ class Server:
                 await self.closing()
             finally:
                 await self.tracker.close()
-            log.info("stopped")
+            if self._server is not None:  # it listened (a failed bind says why, once)
+                log.info("stopped")
 
     # Hooks for a server that does more on the same socket handling (proxy.ProxyServer).
     def protocol(self) -> asyncio.Protocol:
@@ -390,13 +397,19 @@ class Server:
 
 
 def run(settings: Settings, host: str, port: int, password: Optional[str], max_line: int,
-        idle_timeout: Optional[float], max_connections: int, handshake_timeout: float) -> None:
+        idle_timeout: Optional[float], max_connections: int, handshake_timeout: float,
+        fast_loop: bool = True) -> None:
     """Serve until SIGINT/SIGTERM. Redis problems at start raise TrackerError (exit 1)."""
     partitions = partitions_of(settings)
     server = Server(settings, partitions, password,
                     Limits(max_line, 300.0 if idle_timeout is None else idle_timeout,
                            max_connections, handshake_timeout))
-    run_server(server, host, port)
+    run_server(server, host, port, loop_factory(fast_loop))
+
+
+def loop_factory(fast: bool) -> Any:
+    """uvloop's event loop when installed and wanted (socket-heavy servers gain most)."""
+    return uvloop.new_event_loop if fast and uvloop is not None else None
 
 
 def partitions_of(settings: Settings) -> int:

@@ -26,7 +26,7 @@ import asyncio
 import collections
 import logging
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import msgspec
 
@@ -38,12 +38,6 @@ from tracker.server.outbox import Outbox
 from tracker.server.upstream import Upstream, probe, reason
 from tracker.server.wire import OK, ProtocolError, Replies, bulk, err_line, shown
 from tracker.store.settings import Settings
-
-uvloop: Any
-try:  # optional: a faster event loop for socket-heavy work (pip install 'tracker[fast]')
-    import uvloop
-except ImportError:  # pragma: no cover - depends on the environment
-    uvloop = None
 
 log = logging.getLogger("tracker.server.proxy")
 
@@ -446,5 +440,4 @@ def run(settings: Settings, upstream: Upstream, host: str, port: int, max_line: 
     server = ProxyServer(settings, fwp.partitions_of(settings),
                          fwp.Limits(max_line, idle_timeout, max_connections, handshake_timeout),
                          upstream)
-    factory = uvloop.new_event_loop if fast_loop and uvloop is not None else None
-    fwp.run_server(server, host, port, factory)
+    fwp.run_server(server, host, port, fwp.loop_factory(fast_loop))
