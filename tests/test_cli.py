@@ -170,11 +170,12 @@ def test_watch_exits_when_the_job_finishes(env, d, end, code):
     watch = subprocess.Popen(TRACKER + ["watch", "w", "--interval", "0.1"], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.0)
+        first = watch.stdout.readline()  # it has started (~0.5 s idle, seconds when loaded)
         assert watch.poll() is None  # still following a working job
         getattr(pub, end)("w")
         Projector(d).drain()
         out, err = watch.communicate(timeout=15)
+        out = first + out
     finally:
         if watch.poll() is None:
             watch.kill()

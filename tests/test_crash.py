@@ -1,7 +1,7 @@
 """Crash test: ``tracker project`` daemons killed with SIGKILL again and again.
 
-Two daemons (subprocesses, real Redis, a unique prefix) fold while a publisher
-appends a few thousand events; every few hundred milliseconds one of them is
+Two daemons (subprocesses, real Redis or the Redis Cluster, a unique prefix) fold
+while a publisher appends a few thousand events; every few hundred milliseconds one of them is
 killed -9 and restarted. At the end a ``tracker project --once`` finishes the
 job and the snapshots must equal the Python fold of the log, every valid entry
 applied exactly once (the stats counters), and nothing left pending.
@@ -33,11 +33,15 @@ TRACKER = [sys.executable, "-c", "import sys; sys.argv[0] = 'tracker'; "
 PARTITIONS = 4
 
 
-@pytest.fixture
-def crash_env(real_redis_url):
+@pytest.fixture(params=["real", "cluster"])
+def crash_env(request):
+    if request.param == "cluster":
+        url = request.getfixturevalue("local_cluster").seeds_url
+    else:
+        url = request.getfixturevalue("real_redis_url")
     prefix = "tcrash" + uuid.uuid4().hex[:10]
-    d = Deployment.open(Settings(redis_url=real_redis_url, prefix=prefix, partitions=PARTITIONS))
-    env = {**os.environ, "TRACKER_REDIS_URL": real_redis_url, "TRACKER_PREFIX": prefix,
+    d = Deployment.open(Settings(redis_url=url, prefix=prefix, partitions=PARTITIONS))
+    env = {**os.environ, "TRACKER_REDIS_URL": url, "TRACKER_PREFIX": prefix,
            "TRACKER_PARTITIONS": str(PARTITIONS)}
     yield d, env
     wipe(d)
@@ -48,6 +52,17 @@ def start(env, consumer, batch=20):
     return subprocess.Popen(TRACKER + ["project", "--consumer", consumer, "--batch", str(batch),
                                        "--claim-idle", "0"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def ready(proc, timeout: float = 30.0) -> None:
+    """Until the daemon says it is projecting (its signal handlers are installed by then;
+    a start takes ~0.5 s idle, several seconds on a loaded machine)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if b"projecting" in line or not line:
+            return
+    raise AssertionError("the daemon did not start")
 
 
 def applied(d) -> int:
@@ -181,7 +196,8 @@ def test_a_stopping_daemon_keeps_pending_entries_it_did_not_make(crash_env):
     d.client.xreadgroup(keys.GROUP, "w1", {stream: ">"})  # delivered, never acknowledged
     proc = subprocess.Popen(TRACKER + ["project", "--consumer", "w1", "--claim-idle", "60000"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    time.sleep(1.5)
+    ready(proc)
+    time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
     assert d.client.xpending(stream, keys.GROUP)["pending"] == 1
