@@ -6,7 +6,8 @@
 -- Fold.configure_argv(ARGV, i)    the same, read from ARGV[i..i+8]
 -- Fold.decode(fields) -> ev | nil, reason   validate one stream entry
 -- Fold.apply(track, ev, at, ttl) -> track | nil
--- A track is {s=state, u=updated_at, x=expires_at, r=reserved_until, p=percent, d=desc}
+-- A track is {s=state, u=updated_at, x=expires_at, r=reserved_until, p=percent, d=desc,
+-- q=queue}
 -- with times in epoch ms and r = 0 for "no reservation".
 
 local Fold = {}
@@ -115,7 +116,7 @@ local function clamp_reserve(seconds)
 end
 
 local function copy(track)
-  return {s = track.s, u = track.u, x = track.x, r = track.r, p = track.p, d = track.d}
+  return {s = track.s, u = track.u, x = track.x, r = track.r, p = track.p, d = track.d, q = track.q}
 end
 
 function Fold.apply(track, ev, at, ttl)
@@ -124,11 +125,12 @@ function Fold.apply(track, ev, at, ttl)
   if t == 'enqueued' then
     if track == nil then
       if not ev.k then return nil end
-      track = {s = 'enqueued', u = at, x = 0, r = 0}
+      track = {s = 'enqueued', u = at, x = 0, r = 0, q = ev.q}
     else
       track = copy(track)
       track.s = 'enqueued'
       track.r = 0
+      if ev.q then track.q = ev.q end
     end
   elseif track == nil then
     return nil

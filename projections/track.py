@@ -39,6 +39,7 @@ class Track(msgspec.Struct, omit_defaults=True):
     reserved_until: int = 0
     percent: Optional[int] = None
     desc: Optional[str] = None
+    queue: Optional[str] = None  # the queue it was last enqueued on, for listing by queue
 
 
 _FINISHED = {Success: "success", Failed: "failed", Dead: "dead"}
@@ -55,11 +56,12 @@ def apply(track: Optional[Track], event: AnyEvent, at: int, ttl_ms: int) -> Opti
         if track is None:
             if not event.track:
                 return None
-            track = Track(state="enqueued", updated_at=at, expires_at=0)
+            track = Track(state="enqueued", updated_at=at, expires_at=0, queue=event.queue)
         else:
             # A retry re-enqueues the same job: its reservation is over and
             # percent/desc stay as the worker left them.
-            track = msgspec.structs.replace(track, state="enqueued", reserved_until=0)
+            track = msgspec.structs.replace(track, state="enqueued", reserved_until=0,
+                                            queue=track.queue if event.queue is None else event.queue)
     elif track is None:
         return None  # untracked, never enqueued or expired: nothing to update
     elif isinstance(event, Working):

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _benchlib as B  # noqa: E402
 import bench_project as BP  # noqa: E402
+import bench_proxy  # noqa: E402
 import redis  # noqa: E402
 
 from tracker import events  # noqa: E402
@@ -537,7 +538,23 @@ def serve_rows(rep: Report, res: dict) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def run_all(url: str, quick: bool) -> Report:
+def proxy_rows(rep: Report, url: str, quick: bool, faktory_bin) -> None:
+    """bench_proxy's rows (issue 15's keys) in this report's table: measured only with a
+    Faktory binary (--faktory-bin / TRACKER_FAKTORY_BIN), else "not measured"."""
+    try:
+        got = bench_proxy.rows(quick, faktory_bin=faktory_bin, redis_url=url)
+    except Exception as e:
+        log(f"proxy: bench_proxy.rows failed: {e!r}")
+        traceback.print_exc()
+        got = bench_proxy.not_measured(f"failed: {e!r}"[:80])
+    rep.figures["proxy"] = got
+    for r in got:
+        rep.rows.append({"metric": r["metric"], "value": r["figure"], "unit": r["unit"],
+                         "baseline": r["baseline_name"], "baseline_value": r["baseline"],
+                         "ratio": r["ratio"], "target": r["target"], "pass": r["met"]})
+
+
+def run_all(url: str, quick: bool, faktory_bin=None) -> Report:
     cfg = QUICK if quick else FULL
     rep = Report()
     F = rep.figures
@@ -631,6 +648,7 @@ def run_all(url: str, quick: bool) -> Report:
                          "baseline": None, "baseline_value": None, "ratio": None,
                          "target": ">= 150k/s", "pass": None})
     serve_rows(rep, serve)
+    proxy_rows(rep, url, quick, faktory_bin)
     return rep
 
 
@@ -656,6 +674,8 @@ def main(argv=None) -> int:
     ap.add_argument("--redis-url", help="Redis to use (default: a private redis-server)")
     ap.add_argument("--quick", action="store_true", help="smaller samples, under a minute")
     ap.add_argument("--json", metavar="PATH", help="write every figure as JSON")
+    ap.add_argument("--faktory-bin", metavar="PATH", default=os.environ.get("TRACKER_FAKTORY_BIN"),
+                    help="a Faktory server binary: measure serve --upstream against it")
     ap.add_argument("--cluster", action="store_true",
                     help="the Redis Cluster rows only: 3 masters against one Redis "
                          "(scripts/bench_cluster.py starts both)")
@@ -672,7 +692,7 @@ def main(argv=None) -> int:
         log(f"Redis {info['redis_version']} ({where}); {os.cpu_count()} CPUs, "
             f"{platform.python_implementation()} {platform.python_version()}, "
             f"{'quick' if a.quick else 'full'} run")
-        rep = run_all(url, a.quick)
+        rep = run_all(url, a.quick, a.faktory_bin)
     finally:
         if server:
             server.stop()

@@ -40,10 +40,10 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from projections import fold
-from tracker import events
+from tracker import answer, events
 from tracker.errors import RedisUnavailable
 from tracker.publisher import Publisher
-from tracker.store import keys
+from tracker.store import keys, streams
 from tracker.store.deployment import Deployment
 from tracker.store.embedded import server_binary
 from tracker.store.settings import Settings
@@ -241,8 +241,19 @@ class Daemons:
                               "project", "--consumer", name, "--batch", "50",
                               "--claim-idle", str(self.claim_idle)],
                              stdout=err, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        p.log = err.name  # type: ignore[attr-defined]
         self.procs.append(p)
         return p
+
+    @staticmethod
+    def ready(p: subprocess.Popen, timeout: float = 60.0) -> None:
+        """Wait until the daemon says it is projecting: its SIGTERM handler is in place
+        (a SIGTERM during interpreter start-up kills any Python process with -15)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and p.poll() is None:
+            if b"projecting" in Path(p.log).read_bytes():
+                return
+            time.sleep(0.05)
 
     def live(self) -> list[subprocess.Popen]:
         return [p for p in self.procs if p.poll() is None]
@@ -261,6 +272,7 @@ class Daemons:
         codes = []
         for p in self.live():
             p.send_signal(signal.SIGCONT)
+            self.ready(p)
             p.terminate()
         for p in self.procs:
             if p.pid in self.killed:
@@ -282,23 +294,13 @@ class Daemons:
 
 # ---------------------------------------------------------------- verification
 def _xrange_all(client: redis.Redis, key: str, start: str = "-"):
-    while True:
-        page = client.xrange(key, start, "+", count=5000)
-        yield from page
-        if len(page) < 5000:
-            return
-        start = "(" + page[-1][0].decode()
+    return streams.entries(client, key, start)
 
 
 def _expected(t) -> dict:
-    row = {b"s": t.state.encode(), b"u": b"%d" % t.updated_at, b"x": b"%d" % t.expires_at}
-    if t.reserved_until:
-        row[b"r"] = b"%d" % t.reserved_until
-    if t.percent is not None:
-        row[b"p"] = b"%d" % t.percent
-    if t.desc is not None:
-        row[b"d"] = t.desc.encode()
-    return row
+    """The snapshot hash the projector writes for folded track ``t``."""
+    return {k.encode(): v.encode() for k, v in (answer.stored_fields(t) or {}).items()
+            if v is not None}
 
 
 def verify(client: redis.Redis, prefix: str, partitions: int, ttl_ms: int,

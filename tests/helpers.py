@@ -102,6 +102,8 @@ def track_fields(t: projections.Track) -> dict:
         out[b"p"] = str(t.percent).encode()
     if t.desc is not None:
         out[b"d"] = t.desc.encode()
+    if t.queue is not None:
+        out[b"q"] = t.queue.encode()
     return out
 
 

@@ -12,7 +12,7 @@ from helpers import cleanup
 
 from tracker import archive, replay
 from tracker.cli import cli
-from tracker.errors import TrackerError
+from tracker.errors import TrackerError, ValidationError
 from tracker.projector import Projector
 from tracker.publisher import Publisher
 from tracker.query import Tracker
@@ -112,3 +112,18 @@ def test_cli_export_import(real_deployment, real_redis_url, tmp_path):
         assert by_jid(d) == by_jid(real_deployment)
     finally:
         cleanup(real_deployment.client, target)
+
+
+def test_cli_export_since_later_than_until_is_an_error(real_deployment, real_redis_url, tmp_path):
+    fill(real_deployment)
+    path = tmp_path / "none.jsonl"
+    runner = CliRunner()
+    base = ["--redis-url", real_redis_url, "--prefix", real_deployment.prefix, "export"]
+    got = runner.invoke(cli, base + ["--since", "-1h", "--until", "-2h", "-o", str(path)])
+    assert isinstance(got.exception, ValidationError), got.output
+    assert got.exception.field == "since" and "later than --until" in str(got.exception)
+    assert got.exception.exit_code == 2 and not (path.exists() and path.read_text())
+    # an empty window the right way round is not an error, and neither is since == until
+    for window in (["--since", "-2h", "--until", "-1h"], ["--since", "now", "--until", "now"]):
+        got = runner.invoke(cli, base + window + ["-o", str(path)])
+        assert got.exit_code == 0, got.output

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
 import pytest
-from helpers import wipe
+from helpers import missing, wipe
 
 from tracker import events
 from tracker.cli import main
@@ -19,6 +25,7 @@ from tracker.projector import Projector
 from tracker.publisher import Publisher
 from tracker.query import Tracker
 from tracker.store import keys
+from tracker.store.connection import create_async_client
 from tracker.store.deployment import Deployment
 from tracker.store.settings import Settings
 
@@ -170,7 +177,8 @@ def test_watch_exits_when_the_job_finishes(env, d, end, code):
     watch = subprocess.Popen(TRACKER + ["watch", "w", "--interval", "0.1"], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        first = watch.stdout.readline()  # it has started (~0.5 s idle, seconds when loaded)
+        first = watch.stdout.readline()  # it shows the working job before it ends
+        assert "40%" in first and "busy" in first and "working" in first, first
         assert watch.poll() is None  # still following a working job
         getattr(pub, end)("w")
         Projector(d).drain()
@@ -276,3 +284,169 @@ def test_a_bad_url_scheme_is_a_usage_error_without_the_password(env):
     r = run({**env, "TRACKER_REDIS_URL": "http://user:s3cret@127.0.0.1:6379"}, "get", "j")
     one_line_error(r, 2, "redis-url")
     assert "s3cret" not in r.stdout + r.stderr
+
+
+# ------------------------------------- a password a server does not check (issue 10)
+
+@contextlib.contextmanager
+def private_redis(*args: str):
+    """A redis-server of our own on a free port (so its auth config is ours to choose)."""
+    binary = shutil.which("redis-server")
+    if not binary:
+        missing("redis-server not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_a_password_the_server_does_not_check_is_warned_about_once(env):
+    pw = "unchecked-" + uuid.uuid4().hex[:8]
+    with private_redis() as port:
+        e = {**env, "TRACKER_REDIS_URL": f"redis://:{pw}@127.0.0.1:{port}/0"}
+        r = run(e, "emit", "enqueued", "pw1", "--track")
+        assert r.returncode == 0 and ENTRY_ID.fullmatch(r.stdout.strip()), r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "no password set" in lines[0], r.stderr
+        assert f"127.0.0.1:{port}" in lines[0] and pw not in r.stderr + r.stdout
+        # a daemon opens a connection per partition thread: still one warning
+        r = run(e, "project", "--once")
+        assert r.returncode == 0 and r.stdout.startswith("folded 1 events"), r.stderr
+        assert r.stderr.count("no password set") == 1 and pw not in r.stderr
+        # no password given: nothing to warn about
+        r = run({**env, "TRACKER_REDIS_URL": f"redis://127.0.0.1:{port}/0"}, "get", "pw1")
+        assert r.returncode == 0 and r.stderr == "" and '"state":"enqueued"' in r.stdout
+
+
+def test_a_password_the_server_checks_is_not_warned_about(env):
+    pw = "checked-" + uuid.uuid4().hex[:8]
+    with private_redis("--requirepass", pw) as port:
+        r = run({**env, "TRACKER_REDIS_URL": f"redis://:{pw}@127.0.0.1:{port}/0"},
+                "emit", "enqueued", "pw2", "--track")
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        r = run({**env, "TRACKER_REDIS_URL": f"redis://:wrong-{pw}@127.0.0.1:{port}/0"},
+                "get", "pw2")
+        one_line_error(r, 1, "refused the credentials")
+        assert pw not in r.stderr + r.stdout
+
+
+def test_the_asyncio_client_warns_too(caplog):
+    pw = "async-" + uuid.uuid4().hex[:8]
+
+    async def ping(url):
+        client = create_async_client(Settings(redis_url=url))
+        try:
+            return await client.ping()
+        finally:
+            await client.aclose()
+
+    with private_redis() as port:
+        with caplog.at_level(logging.WARNING, logger="tracker"):
+            assert asyncio.run(ping(f"redis://:{pw}@127.0.0.1:{port}/0"))
+    warned = [r.getMessage() for r in caplog.records if "no password set" in r.getMessage()]
+    assert len(warned) == 1 and pw not in warned[0]
+
+
+# ------------------------------------------- set: examples that work, no empty SET (issue 10)
+
+def test_set_with_no_field_is_a_usage_error_naming_the_fields(env, d):
+    r = run(env, "set", "J")
+    err = one_line_error(r, 2, "--percent", "--desc", "--reserve-until")
+    assert "nothing to set" in err and r.stdout == ""
+    assert total_xlen(d) == 0
+
+
+STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+
+
+def test_the_reserve_until_examples_are_accepted(env, d):
+    ok(env, "emit", "enqueued", "ex", "--track")
+    ok(env, "emit", "working", "ex", "--reserve-for", "60")
+    shown = STAMP.findall(ok(env, "set", "--help"))
+    assert len(shown) == 1, "set --help gives one example time"
+    assert ok(env, "set", "ex", "--reserve-until", shown[0]) == "OK\n"
+    r = run(env, "set", "ex", "--reserve-until", "tomorrow")
+    err = one_line_error(r, 2, "reserve_until")
+    shown = STAMP.findall(err)
+    assert len(shown) == 1, err
+    assert ok(env, "set", "ex", "--reserve-until", shown[0]) == "OK\n"
+
+
+@pytest.mark.parametrize("value", ["2030-01-01T00:00:00", "2030-01-01 00:00:00.5"])
+def test_a_time_without_a_timezone_says_so(env, d, value):
+    r = run(env, "set", "J", "--reserve-until", value)
+    err = one_line_error(r, 2, "reserve_until", "timezone missing")
+    assert "Z" in err and total_xlen(d) == 0
+
+
+# ------------------------------------------------ the daemon's rate lines (issue 10)
+
+REPORT = re.compile(r"folded (\d+) events in ([\d.]+)s \(([\d.,]+)/s\), (\d+) in total; ")
+
+
+def test_projector_rate_lines_give_each_interval_its_own_rate(d, caplog):
+    """A trickle of events (about one per 2 s report): the rate is the interval's,
+    with enough digits that 1 event in 2 s reads 0.5/s, never 0/s."""
+    proj = Projector(d, consumer="rate")
+    pub = Publisher(d)
+    daemon = threading.Thread(target=proj.run, kwargs={"report_every": 2.0}, daemon=True)
+    with caplog.at_level(logging.INFO, logger="tracker.projector"):
+        daemon.start()
+        for i in range(2):
+            pub.enqueued(f"rate{i}", custom={"track": 1})
+            time.sleep(2.2)
+        time.sleep(0.5)
+        proj.stop()
+        daemon.join(timeout=20)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("folded ")]
+    assert lines, "no rate line"
+    total = 0
+    for line in lines:
+        m = REPORT.match(line)
+        assert m, line
+        count, secs, rate, in_total = int(m[1]), float(m[2]), float(m[3].replace(",", "")), int(m[4])
+        total += count
+        assert in_total == total, line
+        assert rate > 0 and abs(rate - count / secs) <= 0.06 * count / secs, line
+    assert total == 2 == proj.totals.folded
+
+
+def test_demo_says_why_jobs_are_unknown_and_why_a_bar_restarts(env):
+    demo_prefix = env["TRACKER_PREFIX"] + "-demo"
+    try:
+        r = run(env, "demo", timeout=120)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        out = r.stdout
+        final = [json.loads(x) for x in out.splitlines() if x.startswith("{")][-6:]
+        unknown = [a["jid"] for a in final if a["state"] == "unknown"]
+        assert len(unknown) == 2 and all(j.startswith(("thumbnail-", "email-")) for j in unknown)
+        retried = [a["jid"] for a in final if a["jid"].startswith(("invoice-", "export-"))]
+        tail = out[out.index("Final TRACK GET answers"):]
+        why_unknown = next(x for x in tail.splitlines() if "'unknown'" in x)
+        assert all(j in why_unknown for j in unknown) and '"track": 1' in why_unknown
+        why_zero = next(x for x in tail.splitlines() if "0%" in x)
+        assert all(j in why_zero for j in retried) and "retr" in why_zero
+        # said up front too, and beside each job in the live view
+        head = out[: out.index("Final TRACK GET answers")]
+        assert "untracked" in head.split("\n\n")[0] and "0%" in head.split("\n\n")[0]
+        assert any(unknown[0] in x and "untracked" in x for x in head.splitlines())
+        assert any(retried[0] in x and "retry 1 of 1" in x for x in head.splitlines())
+    finally:
+        c = Deployment.open(Settings(redis_url=env["TRACKER_REDIS_URL"], prefix=demo_prefix))
+        wipe(c)
+        c.close()

@@ -18,8 +18,10 @@ import uuid
 
 import pytest
 import redis
+from fake_faktory import FakeFaktory
 from helpers import Raw, Running, expected_snapshots, read_snapshots, start_cluster, wipe
 from redis.exceptions import ClusterDownError, ClusterError, TryAgainError
+from test_proxy import Proxy, Wire, job, new_jid
 
 from tracker import events, replay
 from tracker.aio import AsyncTracker
@@ -29,10 +31,10 @@ from tracker.projector import Projector
 from tracker.publisher import Publisher
 from tracker.query import Tracker
 from tracker.store import keys
-from tracker.store.boundary import Patience, retryable
 from tracker.store.cluster import AsyncClusterClient, ClusterClient
 from tracker.store.connection import create_async_client, create_client
 from tracker.store.deployment import Deployment
+from tracker.store.patience import Patience, retryable
 from tracker.store.settings import Settings, redact
 
 TRACK = {"track": 1}
@@ -245,6 +247,30 @@ def test_serve_on_the_cluster(dep):
         c.close()
     finally:
         s.stop()
+
+
+def test_the_faktory_proxy_on_the_cluster(dep):
+    """``tracker serve --upstream``: a job's life through the proxy lands in the
+    partitions of every master, and TRACK GET answers it."""
+    fake = FakeFaktory(fetch_wait=0.3)
+    proxy = Proxy(dep, f"tcp://127.0.0.1:{fake.port}")
+    try:
+        c = Wire(proxy.port)
+        c.hello()
+        jids = [new_jid() for _ in range(12)]
+        assert len({dep.node_of(dep.partition(j)) for j in jids}) > 1
+        for jid in jids:
+            assert c.cmd(b"PUSH " + job(jid, reserve_for=600)) == b"+OK"
+        for _ in jids:
+            assert json.loads(c.cmd(b"FETCH q"))["jid"] in jids
+        for jid in jids:
+            assert c.cmd(b'ACK {"jid":"%s"}' % jid.encode()) == b"+OK"
+        proxy.settle()
+        assert [c.track(j)["state"] for j in jids] == ["success"] * 12
+        c.close()
+    finally:
+        proxy.stop()
+        fake.close()
 
 
 def test_async_tracker_reads_across_masters(dep):

@@ -48,7 +48,7 @@ def ms_of(entry_id: str) -> int:
 
 
 def utc(ms: int) -> dt.datetime:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc)
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
 
 
 def rfc3339(ms: int) -> str:

@@ -1,8 +1,8 @@
 """Crash test: ``tracker project`` daemons killed with SIGKILL again and again.
 
 Two daemons (subprocesses, real Redis or the Redis Cluster, a unique prefix) fold
-while a publisher appends a few thousand events; every few hundred milliseconds one of them is
-killed -9 and restarted. At the end a ``tracker project --once`` finishes the
+while a publisher appends a few thousand events; every few hundred milliseconds one
+of them is killed -9 and restarted. At the end a ``tracker project --once`` finishes the
 job and the snapshots must equal the Python fold of the log, every valid entry
 applied exactly once (the stats counters), and nothing left pending.
 """
@@ -48,21 +48,30 @@ def crash_env(request):
     d.close()
 
 
-def start(env, consumer, batch=20):
-    return subprocess.Popen(TRACKER + ["project", "--consumer", consumer, "--batch", str(batch),
-                                       "--claim-idle", "0"],
+def start(env, consumer, batch=20, claim_idle="0"):
+    """A ``tracker project`` daemon; ``proc.ready`` is set once it says it is projecting
+    (its signal handlers are in place by then), whatever the machine's load."""
+    proc = subprocess.Popen(TRACKER + ["project", "--consumer", consumer, "--batch", str(batch),
+                                       "--claim-idle", claim_idle],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc.ready = threading.Event()
+    proc.err = []
+
+    def read():
+        for line in proc.stderr:
+            proc.err.append(line)
+            if b"projecting" in line:
+                proc.ready.set()
+
+    proc.reader = threading.Thread(target=read, daemon=True)
+    proc.reader.start()
+    return proc
 
 
-def ready(proc, timeout: float = 30.0) -> None:
-    """Until the daemon says it is projecting (its signal handlers are installed by then;
-    a start takes ~0.5 s idle, several seconds on a loaded machine)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if b"projecting" in line or not line:
-            return
-    raise AssertionError("the daemon did not start")
+def stderr_of(proc) -> bytes:
+    """Everything the (exited) daemon wrote on stderr."""
+    proc.reader.join(10)
+    return b"".join(proc.err)
 
 
 def applied(d) -> int:
@@ -104,19 +113,23 @@ def test_kill_9_again_and_again(crash_env):
     d, env = crash_env
     rng = random.Random(20240601)
     stop = threading.Event()
-    publisher = threading.Thread(target=publish, args=(d, 3000, stop, rng))
+    # The publisher goes on until the twelfth kill, so every kill meets work in flight.
+    publisher = threading.Thread(target=publish, args=(d, 20_000, stop, rng))
     procs = [start(env, "crash-a"), start(env, "crash-b")]
     born = [time.monotonic()] * 2
-    life = [rng.uniform(1.0, 2.0) for _ in procs]  # a start takes ~0.5 s, more when busy
+    life = [rng.uniform(0.5, 1.2) for _ in procs]
     kills, progress = 0, []
     publisher.start()
     try:
         deadline = time.monotonic() + 45
-        while (publisher.is_alive() or kills < 12) and time.monotonic() < deadline:
+        while kills < 12 and time.monotonic() < deadline:
             time.sleep(0.02)
             for i in range(2):
+                if not procs[i].ready.is_set():
+                    born[i] = time.monotonic()  # its life starts once it is projecting
+                    continue
                 if time.monotonic() - born[i] < life[i]:
-                    continue  # let it start (~0.5 s) and fold for a while
+                    continue  # let it fold for a while
                 procs[i].send_signal(signal.SIGKILL)
                 procs[i].wait(5)
                 kills += 1
@@ -124,7 +137,7 @@ def test_kill_9_again_and_again(crash_env):
                 # a restarted daemon may reuse the dead one's consumer name, or take a new one
                 name = f"crash-{'ab'[i]}" if rng.random() < 0.5 else f"crash-{kills}"
                 procs[i] = start(env, name, batch=rng.choice([1, 7, 20, 100]))
-                born[i], life[i] = time.monotonic(), rng.uniform(1.0, 2.0)
+                born[i], life[i] = time.monotonic(), rng.uniform(0.5, 1.2)
     finally:
         stop.set()
         publisher.join(30)
@@ -165,7 +178,8 @@ def test_signal_finishes_the_batch_and_exits_0(crash_env, sig):
         for i in range(200):  # keep it busy while the signal arrives
             pub.working(f"g{i % 40}")
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=20)
+        proc.wait(timeout=20)
+        err = stderr_of(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -194,10 +208,9 @@ def test_a_stopping_daemon_keeps_pending_entries_it_did_not_make(crash_env):
     stream = keys.stream(d.prefix, part)
     d.client.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
     d.client.xreadgroup(keys.GROUP, "w1", {stream: ">"})  # delivered, never acknowledged
-    proc = subprocess.Popen(TRACKER + ["project", "--consumer", "w1", "--claim-idle", "60000"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ready(proc)
-    time.sleep(0.5)
+    proc = start(env, "w1", claim_idle="60000")
+    assert proc.ready.wait(60)
+    time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
     assert d.client.xpending(stream, keys.GROUP)["pending"] == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -174,7 +175,7 @@ def test_retry_reappends_fixed_entries_and_removes_them(d1):
     still = _dead_letter(d1, [(b"t", b"bogus"), (b"j", b"J9")])
     res = dead.retry(d1)
     assert [r[0] for r in res.retried] == [f"0/{fixed}"]
-    assert res.skipped == [(f"0/{still}", "type: unknown event type 'bogus'")]
+    assert res.skipped == [(f"0/{still}", "type: unknown event type")]  # as `dlq list` says
     log = d1.client.xrange(keys.stream(d1.prefix, 0))
     assert [e[1] for e in log] == [{b"t": b"enqueued", b"j": b"J9", b"k": b"1"}]
     assert [dl.dlq_id for dl in dead.list_dead(d1)] == [still]
@@ -256,3 +257,51 @@ def test_two_retries_of_one_dead_letter_append_it_once(d1, monkeypatch):
     assert len(first.retried) == 1 and second.retried == []
     assert second.missing == [stale[0].ref]
     assert d1.client.xlen(keys.stream(d1.prefix, 0)) == 1
+
+
+# ------------------------------------------------ wording (issue 10)
+def test_list_and_retry_word_each_reason_alike(d1, real_redis_url):
+    poison = [{"t": "bogus", "j": "J1"}, {"t": "trackset", "j": "J1", "p": "101"},
+              {"t": "trackset", "j": "J1", "p": "abc"}, {"t": "working", "j": "J1", "r": "-5"},
+              {"t": "enqueued", "j": "J1", "k": "7"}, {"t": "success", "j": "J1", "x": "1"},
+              {"t": "failed"}, {"t": "trackset", "j": "J1", "d": b"\xff"}]
+    for f in poison:
+        raw_xadd(d1, f)
+    Projector(d1, consumer="t").drain()
+    r = _cli(real_redis_url, d1.prefix, "dlq", "list", "--json")
+    listed = {row["ref"]: row["reason"] for row in map(json.loads, r.stdout.splitlines())}
+    assert r.returncode == 0 and len(listed) == len(poison)
+    r = _cli(real_redis_url, d1.prefix, "dlq", "retry")
+    assert r.returncode == 1
+    said = dict(re.findall(r"skipped (\S+): still refused \((.*)\)", r.stderr.decode()))
+    assert said == listed, "dlq list and dlq retry word a reason differently"
+    # fields by their long names, as every other error names them
+    assert "percent: not a non-negative integer" in listed.values()
+    assert "reserve_for: not a non-negative integer" in listed.values()
+    assert not any(reason.startswith('"') for reason in listed.values()), listed
+
+
+def test_retry_of_a_partition_that_does_not_exist_says_so(real_redis_url, prefix):
+    d = Deployment.open(Settings(redis_url=real_redis_url, prefix=prefix, partitions=4))
+    try:
+        with pytest.raises(events.ValidationError, match=r"partition 9 does not exist.*0\.\.3"):
+            dead.retry(d, ["9/123-0"])
+        with pytest.raises(events.ValidationError, match="expected a dead letter ID"):
+            dead.retry(d, ["x/123-0"])
+        r = _cli(real_redis_url, prefix, "dlq", "retry", "9/123-0")
+        err = r.stderr.decode().strip()
+        assert r.returncode == 2 and len(err.splitlines()) == 1, err
+        assert "partition 9 does not exist" in err and "ID like" not in err
+        assert dead.retry(d, ["3/123-0"]).missing == ["3/123-0"]  # exists, just not found
+    finally:
+        cleanup(d.client, prefix)
+        d.close()
+
+
+def test_purge_without_a_terminal_says_to_pass_yes(d1, real_redis_url):
+    _dead_letter(d1, [(b"t", b"x")])
+    r = _cli(real_redis_url, d1.prefix, "dlq", "purge")  # stdin is not a terminal
+    err = r.stderr.decode().strip()
+    assert r.returncode == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("tracker: error: ") and "pass --yes" in err and "1 dead letters" in err
+    assert "yes:" not in err and dead.count(d1) == 1

@@ -41,14 +41,16 @@ def env(data_dir):
 
 
 def servers(data_dir: Path) -> list[int]:
-    """PIDs of redis-server processes working in this data dir (a read-only look at /proc:
-    redis-server rewrites its title, but it runs with --dir as its working directory)."""
+    """PIDs of server processes (valkey-server or redis-server) working in this data dir (a
+    read-only look at /proc: the server rewrites its title, but it runs with --dir as its
+    working directory)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if (b"redis-server" in (entry / "cmdline").read_bytes()
+            cmdline = (entry / "cmdline").read_bytes()
+            if ((b"redis-server" in cmdline or b"valkey-server" in cmdline)
                     and os.readlink(entry / "cwd") == str(data_dir.resolve())):
                 found.append(int(entry.name))
         except OSError:
@@ -107,3 +109,85 @@ def test_two_processes_starting_it_at_once_start_one_server(env, data_dir):
     ok(env, "project", "--once")
     lines = ok(env, "get", "race0", "race1", "race2").splitlines()
     assert [json.loads(x)["state"] for x in lines] == ["enqueued"] * 3
+
+
+# ------------------------------------------- path starts nothing; the watchdog (issue 10)
+
+def watchdogs(data_dir: Path) -> list[int]:
+    """PIDs of watchdog processes (tracker/store/watchdog.py) for this data dir."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"watchdog.py") for a in argv) and str(data_dir).encode() in argv:
+            found.append(int(entry.name))
+    return found
+
+
+def gone(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state == "Z"  # exited, not yet reaped by its parent
+
+
+def wait_until(check, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()
+
+
+def test_embedded_path_starts_nothing(env, data_dir):
+    r = subprocess.run(TRACKER + ["embedded", "path"], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(embedded.socket_path(data_dir))
+    assert "not running" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not servers(data_dir) and not embedded.socket_path(data_dir).exists()
+    ok(env, "status")  # this one needs the server: it starts it
+    r = subprocess.run(TRACKER + ["embedded", "path"], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.strip() == str(embedded.socket_path(data_dir))
+
+
+def _start(env, data_dir) -> tuple[int, list[int]]:
+    ok(env, "emit", "enqueued", "wd1", "--track")
+    ok(env, "project", "--once")
+    pid = int((data_dir / "redis.pid").read_text())
+    assert servers(data_dir) == [pid]
+    assert wait_until(lambda: len(watchdogs(data_dir)) == 1, 10), "no watchdog started"
+    return pid, watchdogs(data_dir)
+
+
+def test_a_server_whose_data_dir_was_deleted_exits(env, data_dir):
+    env = {**env, "TRACKER_EMBEDDED_WATCH": "0.2"}
+    pid, dogs = _start(env, data_dir)
+    shutil.rmtree(data_dir)
+    assert wait_until(lambda: gone(pid), 10), "the server outlived its data directory"
+    assert wait_until(lambda: all(gone(w) for w in dogs), 10), "the watchdog outlived it"
+
+
+def test_a_server_whose_socket_was_deleted_exits_and_its_data_persists(env, data_dir):
+    env = {**env, "TRACKER_EMBEDDED_WATCH": "0.2"}
+    pid, dogs = _start(env, data_dir)
+    embedded.socket_path(data_dir).unlink()
+    assert wait_until(lambda: gone(pid), 10), "the server outlived its socket"
+    assert wait_until(lambda: all(gone(w) for w in dogs), 10)
+    # shut down cleanly (the append-only file flushed): a new server has the track
+    assert json.loads(ok(env, "get", "wd1"))["state"] == "enqueued"
+    assert int((data_dir / "redis.pid").read_text()) != pid
+
+
+def test_stopping_the_server_ends_its_watchdog(env, data_dir):
+    _, dogs = _start(env, data_dir)  # the default interval: the stop is seen at once
+    assert ok(env, "embedded", "stop").strip() == "stopped"
+    assert wait_until(lambda: all(gone(w) for w in dogs), 3), "the watchdog outlived the server"

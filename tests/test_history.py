@@ -17,7 +17,7 @@ from tracker.projector import Projector
 from tracker.publisher import Publisher
 from tracker.query import Tracker
 from tracker.store import keys
-from tracker.times import id_ms, parse_when
+from tracker.times import format_ms, id_ms, parse_when
 
 
 def retried_job(pub, jid):
@@ -123,3 +123,23 @@ def test_history_latency_one_job_among_many(real_deployment):
     for _ in range(50):
         assert len(history(d, "n42").entries) == 2
     assert (time.perf_counter() - t0) / 50 < 0.05
+
+
+def test_get_at_in_the_future_is_an_error_not_an_empty_answer(real_deployment, real_redis_url):
+    d = real_deployment
+    list(retried_job(Publisher(d), "f1"))
+    Projector(d, consumer="c").drain()
+    base = ["--redis-url", real_redis_url, "--prefix", d.prefix]
+    runner = CliRunner()
+    sec, usec = d.client.time()
+    later = format_ms(int(sec) * 1000 + int(usec) // 1000 + 3_600_000)
+    for at in ("+1h", "+5s", later):
+        got = runner.invoke(cli, base + ["get", "f1", "--at", at])
+        assert isinstance(got.exception, ValidationError), (at, got.output)
+        assert got.exception.field == "at" and "in the future" in str(got.exception)
+        assert got.exception.exit_code == 2 and got.output == ""
+    got = runner.invoke(cli, base + ["get", "f1", "--at", "now"])
+    assert got.exit_code == 0 and json.loads(got.output)["state"] == "dead"
+    got = runner.invoke(cli, base + ["get", "f1", "--at", "2026-01-01T10:00:00"])
+    assert isinstance(got.exception, ValidationError) and got.exception.field == "at"
+    assert "timezone missing" in str(got.exception)

@@ -24,7 +24,7 @@ from tracker.store import keys
 from tracker.store.deployment import Deployment
 from tracker.store.settings import Settings
 
-NOW = dt.datetime.now(dt.timezone.utc)
+NOW = dt.datetime.now(dt.UTC)
 IN_2_DAYS = (NOW + dt.timedelta(days=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
 ARG_MAX_SAFE = 130_000  # one argv string is capped at 128 KiB by Linux (MAX_ARG_STRLEN)
 

@@ -66,12 +66,14 @@ def test_lua_key_rules_match_keys_py(deployment):
     script = deployment.client.register_script(snapshot_lua + """
 local meta, hist = Snap.keys(ARGV[1])
 return {meta, hist, Snap.prefix(ARGV[1], false), Snap.prefix(ARGV[1], '0'),
-        Snap.prefix(ARGV[1], '7'), Snap.unpack_id(Snap.pack_id(ARGV[2]), 1)}""")
+        Snap.prefix(ARGV[1], '7'), Snap.unpack_id(Snap.pack_id(ARGV[2]), 1),
+        Snap.index(ARGV[1]), Snap.index(Snap.prefix(ARGV[1], '7'))}""")
     p = deployment.prefix
     got = [x.decode() for x in script(args=[keys.snapshot_prefix(p, 3), "1700000000123-4567"])]
     assert got == [keys.meta(p, 3), keys.history_prefix(p, 3), keys.snapshot_prefix(p, 3),
                    keys.snapshot_prefix(p, 3), keys.snapshot_prefix_gen(p, 3, 7),
-                   "1700000000123-4567"]
+                   "1700000000123-4567", keys.state_index_prefix(p, 3),
+                   keys.state_index_prefix(p, 3, 7)]
 
 
 def test_rebuild_restores_lost_snapshots_and_switches_generation(deployment, tracker, projector):

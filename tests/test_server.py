@@ -324,6 +324,25 @@ def test_cli_serve_logs_its_address_and_exits_cleanly_on_sigterm(real_redis_url,
         d.close()
 
 
+def test_cli_serve_on_a_taken_port_says_so_once(real_redis_url, prefix):
+    """A failed bind is one error line and exit 1, not a 'stopped' before it."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        cmd = [sys.executable, "-c", "from tracker.cli import main; main()", "--redis-url",
+               real_redis_url, "--prefix", prefix, "serve", "--port", str(taken.getsockname()[1])]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "cannot listen on 127.0.0.1:" in lines[0], lines
+    finally:
+        taken.close()
+        d = Deployment.open(Settings(redis_url=real_redis_url, prefix=prefix))
+        cleanup(d.client, prefix)
+        d.close()
+
+
 # ---------------------------------------------------------- real clients
 @pytest.mark.parametrize("password", [None, PASSWORD], ids=["open", "password"])
 @pytest.mark.parametrize("role", ["producer", "consumer"])

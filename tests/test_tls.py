@@ -7,14 +7,21 @@ redis-server was built without TLS or openssl is missing.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
 from helpers import missing
+
+from tracker.errors import ConfigError, RedisUnavailable
+from tracker.store.boundary import redis_errors
+from tracker.store.connection import create_async_client, create_client
+from tracker.store.settings import Settings
 
 
 def _free_port() -> int:
@@ -97,3 +104,80 @@ def test_tls_failures_are_clean_and_hide_the_password(tls_server):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("tracker: error:"), r.stderr
         assert pw not in r.stderr + r.stdout and "Traceback" not in r.stderr
+
+
+# ------------------------------------------- connect timeouts (issue 10)
+@pytest.fixture
+def silent_port():
+    """A plain TCP listener that accepts and never says a word (what a TLS client meets
+    at a plain-text Redis port, which waits for a newline that never comes)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    accepted = []
+
+    def accept():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield srv.getsockname()[1], accepted
+    srv.close()
+    for c in accepted:
+        c.close()
+
+
+@pytest.mark.parametrize("scheme", ["rediss", "redis"])
+def test_a_silent_port_fails_within_the_connect_timeout(silent_port, scheme):
+    port, accepted = silent_port
+    pw = "hush-" + os.urandom(4).hex()
+    env = {**os.environ, "TRACKER_REDIS_URL": f"{scheme}://:{pw}@127.0.0.1:{port}/0",
+           "TRACKER_PREFIX": "tls", "TRACKER_CONNECT_TIMEOUT": "1"}
+    t0 = time.monotonic()
+    r = subprocess.run(["tracker", "get", "T1"], env=env, capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - t0
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tracker: error:"), r.stderr
+    assert "within 1s" in lines[0] and f"127.0.0.1:{port}" in lines[0]
+    assert ("TLS handshake" in lines[0]) == (scheme == "rediss")
+    assert pw not in r.stderr + r.stdout and "Traceback" not in r.stderr
+    assert took < 4, f"took {took:.1f}s with a 1s connect timeout"  # process start-up included
+    assert len(accepted) == 1, "a connect timeout must not be retried"
+
+
+@pytest.mark.parametrize("scheme", ["rediss", "redis"])
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+def test_both_clients_bound_the_connect(silent_port, scheme, flavour):
+    port, accepted = silent_port
+    settings = Settings(redis_url=f"{scheme}://:pw@127.0.0.1:{port}/0", connect_timeout=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(RedisUnavailable, match=r"within 0\.5s"):
+        with redis_errors(settings):
+            if flavour == "sync":
+                create_client(settings).ping()
+            else:
+                asyncio.run(_async_ping(settings))
+    assert time.monotonic() - t0 < 2.0
+    assert len(accepted) == 1
+
+
+async def _async_ping(settings):
+    client = create_async_client(settings)
+    try:
+        await client.ping()
+    finally:
+        await client.aclose()
+
+
+def test_connect_timeout_setting_is_validated(monkeypatch):
+    monkeypatch.setenv("TRACKER_CONNECT_TIMEOUT", "2.5")
+    assert Settings.from_env().connect_timeout == 2.5
+    for bad in ("0", "-1", "soon", "nan"):
+        monkeypatch.setenv("TRACKER_CONNECT_TIMEOUT", bad)
+        with pytest.raises(ConfigError, match="(?i)connect.timeout"):
+            Settings.from_env()

@@ -8,9 +8,10 @@ server's side; ``Projector`` folds the log. Imports are lazy so that
 import importlib
 
 from tracker.errors import ConfigError, RedisUnavailable, TrackerError, ValidationError
+from tracker.integrations.context import current_jid, progress  # noqa: F401
 
 __all__ = ["Tracker", "Publisher", "Projector", "Deployment", "Settings", "TrackerError",
-           "ValidationError", "ConfigError", "RedisUnavailable"]
+           "ValidationError", "ConfigError", "RedisUnavailable", "progress", "current_jid"]
 __version__ = "0.1.0"
 
 _LAZY = {"Tracker": "tracker.query", "Publisher": "tracker.publisher",

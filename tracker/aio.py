@@ -15,6 +15,7 @@ of one per request.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Optional
 
 import redis
@@ -22,6 +23,7 @@ import redis.asyncio as aredis
 
 from tracker import answer, events
 from tracker.freshness import POLL, READER, STEP, Freshness, behind
+from tracker.listing import Merge, Query, TrackPage
 from tracker.projector import project_call
 from tracker.publisher import append_async
 from tracker.query import get_call, plan
@@ -133,18 +135,23 @@ class AsyncTracker:
                 self._flush()  # what queued up meanwhile goes now, as one batch
 
     async def _rows(self, batch: dict[int, list[tuple[str, asyncio.Future]]]) -> list:
-        """get.lua's reply per partition of ``batch``, once the fold has reached the
-        log's tip (see tracker.freshness; the twin of ``Tracker._rows``)."""
-        parts = list(batch)
+        """get.lua's reply per partition of ``batch`` (the twin of ``Tracker._read``)."""
+        replies = await self._fresh("get", list(batch), lambda part, need: get_call(
+            self.prefix, part, [jid for jid, _ in batch[part]], need))
+        return [replies[p] for p in batch]
+
+    async def _fresh(self, script: str, parts: list[int],
+                     call: Callable[[int, str], scripts.Call]) -> dict[int, list]:
+        """A read script on ``parts`` once their fold has reached the log's tip (the twin
+        of ``Tracker._fresh``; see tracker.freshness)."""
         needs = {part: self.fresh.need for part in parts}
         done: dict[int, list] = {}
         deadline = 0.0
         while needs:
             order = list(needs)
-            calls = [get_call(self.prefix, p, [jid for jid, _ in batch[p]], needs[p])
-                     for p in order]
             with redis_errors(self.settings):
-                replies = await scripts.arun(self.client, "get", calls)
+                replies = await scripts.arun(self.client, script,
+                                             [call(p, needs[p]) for p in order])
             waiting = {}
             for part, reply in zip(order, replies):
                 need = behind(check(self.settings, reply))
@@ -156,24 +163,39 @@ class AsyncTracker:
                 deadline = deadline or self.fresh.deadline()
                 for part, need in waiting.items():
                     self.fresh.check(deadline, part, need)
-                await self._advance(list(waiting))
+                if await self._advance(list(waiting)):
+                    deadline = self.fresh.deadline()
             needs = waiting
-        return [done[p] for p in parts]
+        return done
 
-    async def _advance(self, parts: list[int]) -> None:
-        """Fold ``parts`` towards the log's tip with project.lua, or wait (freshness)."""
-        if self.fresh.folds:
-            calls = [project_call(self.prefix, p, READER, STEP, self.ttl_ms,
-                                  self.settings.grace * 1000) for p in parts]
-            with redis_errors(self.settings):
-                replies = await scripts.arun(self.client, "project", calls)
-                for part, reply in zip(parts, replies):
-                    if isinstance(reply, Exception) and "NOGROUP" in str(reply):
-                        await self._create_group(part)
-                    elif self.fresh.pause_after(reply):
-                        await asyncio.sleep(POLL)
-        else:
+    async def list_tracks(self, state: str, queue: Optional[str] = None, limit: int = 50,
+                          cursor: Optional[str] = None) -> TrackPage:
+        """``Tracker.list_tracks`` on asyncio: live tracks by state, newest update first."""
+        q = Query.of(state, queue, limit, cursor)
+        merge = Merge(q, list(range(self.partitions)))
+        while pending := merge.pending():
+            replies = await self._fresh("list", pending, lambda part, need: q.call(
+                self.prefix, part, need, merge.at[part]))
+            for part, reply in replies.items():
+                merge.add(part, reply)
+        return merge.page()
+
+    async def _advance(self, parts: list[int]) -> bool:
+        """Fold ``parts`` towards the log's tip with project.lua, or wait (freshness);
+        whether it folded anything."""
+        if not self.fresh.folds:
             await asyncio.sleep(POLL)
+            return False
+        calls = [project_call(self.prefix, p, READER, STEP, self.ttl_ms,
+                              self.settings.grace * 1000) for p in parts]
+        with redis_errors(self.settings):
+            replies = await scripts.arun(self.client, "project", calls)
+            for part, reply in zip(parts, replies):
+                if isinstance(reply, Exception) and "NOGROUP" in str(reply):
+                    await self._create_group(part)
+                elif self.fresh.pause_after(reply):
+                    await asyncio.sleep(POLL)
+        return self.fresh.progressed(replies)
 
     async def _create_group(self, part: int) -> None:
         try:

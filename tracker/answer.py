@@ -18,7 +18,7 @@ from tracker import events
 
 ROW_FIELDS = ("s", "p", "d", "u", "r", "x")
 FIELD_NAMES = {"s": "state", "p": "percent", "d": "desc", "u": "updated_at",
-               "r": "reserved_until", "x": "expires_at"}
+               "r": "reserved_until", "x": "expires_at", "q": "queue"}
 
 
 def unknown(jid: str) -> dict:
@@ -46,7 +46,7 @@ def reservation(row: list, now_ms: int) -> Optional[dt.datetime]:
     s, _p, _d, _u, r, x = row
     if s != b"working" or r is None or x is None or int(x) <= now_ms or int(r) <= now_ms:
         return None
-    return dt.datetime.fromtimestamp(int(r) / 1000, dt.timezone.utc)
+    return dt.datetime.fromtimestamp(int(r) / 1000, dt.UTC)
 
 
 def stored_fields(track: Optional[Track]) -> Optional[dict]:
@@ -56,7 +56,7 @@ def stored_fields(track: Optional[Track]) -> Optional[dict]:
     return {"s": track.state, "p": None if track.percent is None else str(track.percent),
             "d": track.desc, "u": str(track.updated_at),
             "r": str(track.reserved_until) if track.reserved_until > 0 else None,
-            "x": str(track.expires_at)}
+            "x": str(track.expires_at), "q": track.queue}
 
 
 def track_row(track: Track) -> list:

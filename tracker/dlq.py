@@ -13,6 +13,7 @@ slot, so an entry is never in both places or in neither.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Optional
@@ -52,6 +53,19 @@ class DeadLetter:
         return None
 
 
+_LUA_FIELD = re.compile(r'"([A-Za-z0-9_]*)": ')
+
+
+def _reason(text: str) -> str:
+    """A dead letter's reason as every command shows it: project.lua names a field by its
+    stream key, quoted (``"p": not a non-negative integer``); say ``percent: ...`` as the
+    rest of tracker does."""
+    m = _LUA_FIELD.match(text)
+    if m:
+        text = events.FIELD_NAMES.get(m.group(1), m.group(1)) + ": " + text[m.end():]
+    return text
+
+
 def _show(b: bytes) -> str:
     """Bytes for display: UTF-8 where valid, backslash escapes elsewhere, at most 200 chars."""
     text = b.decode("utf-8", "backslashreplace")
@@ -76,18 +90,21 @@ def _parse(partition: int, entry) -> DeadLetter:
         if pairs and pairs[0][0] == name:
             meta[name] = pairs.pop(0)[1]
     return DeadLetter(partition, dlq_id.decode(), meta.get(b"id", b"").decode(errors="replace"),
-                      meta.get(b"reason", b"").decode(errors="replace"), pairs)
+                      _reason(meta.get(b"reason", b"").decode(errors="replace")), pairs)
 
 
 def _split(ref: str, d: Deployment) -> tuple[Optional[int], str]:
     """``ID`` or ``P/ID`` (DLQ IDs are per partition, so two partitions may share one)."""
-    part, _, i = ref.rpartition("/")
+    part, slash, i = ref.rpartition("/")
     head, _, seq = i.partition("-")
     if not (head.isdigit() and (seq == "" or seq.isdigit()) and len(i) <= 41) or (
-            part and not (part.isdigit() and int(part) < d.partitions)):
+            slash and not (part.isdigit() and len(part) <= 6)):
         raise ValidationError("id", f"expected a dead letter ID like 1700000000000-0 or "
                                     f"P/1700000000000-0, got {ref[:60]!r}")
-    return (int(part) if part else None), i
+    if slash and int(part) >= d.partitions:
+        raise ValidationError("id", f"{ref[:60]!r}: partition {int(part)} does not exist (this "
+                                    f"deployment has partitions 0..{d.partitions - 1})")
+    return (int(part) if slash else None), i
 
 
 def list_dead(d: Deployment, partition: Optional[int] = None, ids: Iterable[str] = (),
@@ -125,7 +142,8 @@ def retry(d: Deployment, ids: Iterable[str] = (), partition: Optional[int] = Non
     """Re-append dead letters to their partition's log and delete them from the DLQ.
 
     With no ``ids``, all of them. An entry that would still be refused stays in the
-    DLQ (listed under ``skipped`` with today's reason) unless ``force``.
+    DLQ (listed under ``skipped`` with its reason, worded as ``dlq list`` words it)
+    unless ``force``.
     """
     ids = list(ids)
     letters = list_dead(d, partition, ids)
@@ -139,9 +157,9 @@ def retry(d: Deployment, ids: Iterable[str] = (), partition: Optional[int] = Non
     result = Retried(missing=[i for i in ids if i not in found])
     with d.errors():
         for dl in letters:
-            reason = None if force else dl.still_poison()
-            if reason is not None:
-                result.skipped.append((dl.ref, reason))
+            today = None if force else dl.still_poison()
+            if today is not None:
+                result.skipped.append((dl.ref, dl.reason or today))
                 continue
             # A repeated field collapses to its last value: what both decoders read.
             flat = [x for pair in dict(dl.fields).items() for x in pair]

@@ -181,11 +181,24 @@ def encode_entry(event: AnyEvent) -> dict[str, Any]:
 # ---------------------------------------------------------------- caller input
 
 def parse_time(value: Any, field: str = "reserve_until") -> int:
-    """RFC 3339 with a timezone (or an aware datetime) -> epoch milliseconds."""
+    """RFC 3339 with a timezone (or an aware datetime) -> epoch milliseconds.
+
+    Errors give an example computed now (an hour ahead), so the example itself is
+    never one that the day-ahead / day-behind rule would then refuse."""
     if isinstance(value, dt.datetime):
         when = value
-    elif isinstance(value, str) and re.fullmatch(
-            r"\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d{1,9})?([Zz]|[+-]\d\d:\d\d)", value):
+    else:
+        m = re.fullmatch(r"\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d{1,9})?([Zz]|[+-]\d\d:\d\d)?",
+                         value) if isinstance(value, str) else None
+        if m is None:
+            shown = value if not isinstance(value, str) or len(value) < 60 else value[:57] + "..."
+            soon = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+            raise ValidationError(field, f"expected an RFC 3339 time with a timezone, like "
+                                         f"{soon:%Y-%m-%dT%H:%M:%SZ} (an hour from now), "
+                                         f"got {shown!r}")
+        if m.group(2) is None:
+            raise ValidationError(field, f"timezone missing in {value!r}: end it with Z (UTC) "
+                                         "or an offset like +02:00")
         text = value.replace("z", "Z").replace("Z", "+00:00").replace("t", "T")
         frac = re.search(r"\.(\d+)", text)
         if frac:  # Python < 3.11 accepts only 3 or 6 fraction digits
@@ -194,12 +207,9 @@ def parse_time(value: Any, field: str = "reserve_until") -> int:
             when = dt.datetime.fromisoformat(text)
         except ValueError:
             raise ValidationError(field, f"not a valid time: {value!r}") from None
-    else:
-        shown = value if not isinstance(value, str) or len(value) < 60 else value[:57] + "..."
-        raise ValidationError(field, f"expected an RFC 3339 time like 2020-08-01T11:43:20Z, "
-                                     f"got {shown!r}")
     if when.tzinfo is None:
-        raise ValidationError(field, "time needs a timezone (Z or +HH:MM)")
+        raise ValidationError(field, "timezone missing: use an aware datetime (tzinfo set) "
+                                     "or a string ending in Z or +HH:MM")
     return int(when.timestamp() * 1000)
 
 
@@ -210,7 +220,7 @@ def format_time(ms: int) -> str:
 
 @lru_cache(maxsize=4096)  # get_many formats many tracks updated in the same seconds
 def _format_second(seconds: int) -> str:
-    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class TrackSetRequest(msgspec.Struct, forbid_unknown_fields=True):

@@ -13,8 +13,8 @@ there itself, by one of three modes (``Settings.read``, ``TRACKER_READ``):
 - ``wait``: never write; poll until the projector has passed the entry.
 - ``stale``: no check at all: the snapshots as they are (the fastest read).
 
-A read gives up after ``Settings.read_timeout`` seconds with a ``TrackerError`` that
-says what to do. With no lag the check costs one XREVRANGE and one HMGET inside the
+A read gives up once the fold has not moved for ``Settings.read_timeout`` seconds, with
+a ``TrackerError`` that says what to do. With no lag the check costs one XREVRANGE and one HMGET inside the
 read script, no extra round trip.
 """
 
@@ -76,6 +76,12 @@ class Freshness:
         if isinstance(reply, Exception) and self.fold_refused(reply):
             return True
         return Step.of(check(self.settings, reply)).waiting
+
+    @staticmethod
+    def progressed(replies: list) -> bool:
+        """Whether project.lua replies folded anything: a slow catch-up that moves is not
+        stuck, so the reader's deadline starts again (only a stalled fold times out)."""
+        return any(not isinstance(r, Exception) and Step.of(r).entries for r in replies)
 
     def check(self, deadline: float, part: int, need: str) -> None:
         """Raise once the deadline has passed with partition ``part`` still behind ``need``."""

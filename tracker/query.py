@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
 from tracker import answer, events, history
 from tracker.freshness import POLL, READER, STEP, Freshness, behind
+from tracker.listing import Merge, Query, TrackPage
 from tracker.projector import Projector
 from tracker.publisher import Publisher
 from tracker.store import keys, scripts
@@ -71,45 +72,72 @@ class Tracker:
 
     def _read(self, groups: dict[int, list[int]], jids: list[str]) -> tuple[list, int]:
         d = self.deployment
-        needs = {part: self.fresh.need for part in groups}
+        replies = self._fresh("get", list(groups), lambda part, need: get_call(
+            d.prefix, part, [jids[i] for i in groups[part]], need))
         rows: list = [None] * len(jids)
-        now, deadline = 0, 0.0
+        now = 0
+        for part, reply in replies.items():
+            now = int(reply[0])
+            for i, row in zip(groups[part], reply[2:]):
+                rows[i] = row
+        return rows, now
+
+    def _fresh(self, script: str, parts: list[int],
+               call: Callable[[int, str], scripts.Call]) -> dict[int, list]:
+        """Run a read script (get.lua, list.lua) on ``parts``, once the fold of each has
+        reached the log's tip: ``call(part, need)`` builds its KEYS and ARGV."""
+        d = self.deployment
+        needs = {part: self.fresh.need for part in parts}
+        done: dict[int, list] = {}
+        deadline = 0.0
         while needs:
             order = list(needs)
-            calls = [get_call(d.prefix, p, [jids[i] for i in groups[p]], needs[p]) for p in order]
             with d.errors():
-                replies = scripts.run(d.client, "get", calls)
+                replies = scripts.run(d.client, script, [call(p, needs[p]) for p in order])
             waiting = {}
             for part, reply in zip(order, replies):
-                check(d.settings, reply)
-                now = int(reply[0])
-                need = behind(reply)
+                need = behind(check(d.settings, reply))
                 if need:
                     waiting[part] = need
-                    continue
-                for i, row in zip(groups[part], reply[2:]):
-                    rows[i] = row
+                else:
+                    done[part] = reply
             if waiting:
                 deadline = deadline or self.fresh.deadline()
                 for part, need in waiting.items():
                     self.fresh.check(deadline, part, need)
-                self._advance(list(waiting))
+                if self._advance(list(waiting)):
+                    deadline = self.fresh.deadline()
             needs = waiting
-        return rows, now
+        return done
 
-    def _advance(self, parts: list[int]) -> None:
-        """Bring the fold of ``parts`` closer to the log's tip (see tracker.freshness)."""
+    def list_tracks(self, state: str, queue: Optional[str] = None, limit: int = 50,
+                    cursor: Optional[str] = None) -> TrackPage:
+        """Live tracks in ``state`` (and ``queue``), newest update first, a page at a time:
+        pass ``next_cursor`` back for the next page. From the state index, never a scan."""
+        q = Query.of(state, queue, limit, cursor)
+        merge = Merge(q, list(range(self.deployment.partitions)))
+        while pending := merge.pending():
+            replies = self._fresh("list", pending, lambda part, need: q.call(
+                self.deployment.prefix, part, need, merge.at[part]))
+            for part, reply in replies.items():
+                merge.add(part, reply)
+        return merge.page()
+
+    def _advance(self, parts: list[int]) -> bool:
+        """Bring the fold of ``parts`` closer to the log's tip (see tracker.freshness);
+        whether it folded anything."""
         d = self.deployment
-        if self.fresh.folds:
-            with d.errors():
-                replies = scripts.run(d.client, "project", [self._folder.call(p) for p in parts])
-                for part, reply in zip(parts, replies):
-                    if isinstance(reply, Exception) and "NOGROUP" in str(reply):
-                        self._folder.ensure_group(part)
-                    elif self.fresh.pause_after(reply):
-                        time.sleep(POLL)
-        else:
+        if not self.fresh.folds:
             time.sleep(POLL)
+            return False
+        with d.errors():
+            replies = scripts.run(d.client, "project", [self._folder.call(p) for p in parts])
+            for part, reply in zip(parts, replies):
+                if isinstance(reply, Exception) and "NOGROUP" in str(reply):
+                    self._folder.ensure_group(part)
+                elif self.fresh.pause_after(reply):
+                    time.sleep(POLL)
+        return self.fresh.progressed(replies)
 
     def get(self, jid: str) -> dict:
         """TRACK GET: the contract's JSON object for one JID (never None)."""

@@ -90,6 +90,12 @@ def unlink_prefix(client: redis.Redis, prefix: str) -> int:
     return n
 
 
+def unlink_generation(d: Deployment, part: int, gen: int) -> int:
+    """UNLINK a snapshot generation of one partition: its snapshots and state indexes."""
+    return (unlink_prefix(d.client, keys.snapshot_prefix_gen(d.prefix, part, gen))
+            + unlink_prefix(d.client, keys.state_index_prefix(d.prefix, part, gen)))
+
+
 def _check_retention(d: Deployment, part: int) -> None:
     """Refuse a rebuild that could drop live tracks: with a retention shorter than the
     longest a track can live (a day's reservation + TTL + grace), a live job's every
@@ -113,7 +119,7 @@ def rebuild_partition(d: Deployment, part: int, progress: Progress = None, chunk
     out = Rebuilt(part, int(old_gen), int(new_gen))
     try:
         # Keys left by an aborted rebuild that used the same generation number.
-        unlink_prefix(d.client, keys.snapshot_prefix_gen(d.prefix, part, out.new_gen))
+        unlink_generation(d, part, out.new_gen)
         stream = keys.stream(d.prefix, part)
         check = "" if never_trimmed(d.client, stream) else (first.decode() if first else "")
         while True:
@@ -134,7 +140,7 @@ def rebuild_partition(d: Deployment, part: int, progress: Progress = None, chunk
     if progress and folded + poisoned:
         progress(folded + poisoned)
     if unlink_old:
-        out.unlinked = unlink_prefix(d.client, keys.snapshot_prefix_gen(d.prefix, part, out.old_gen))
+        out.unlinked = unlink_generation(d, part, out.old_gen)
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -146,7 +152,7 @@ def _abort(d: Deployment, part: int, gen: str) -> None:
         if d.client.hget(state, "gen") == gen.encode():
             d.client.delete(state, keys.replay_held(d.prefix, part),
                             keys.replay_partial(d.prefix, part))
-            unlink_prefix(d.client, keys.snapshot_prefix_gen(d.prefix, part, int(gen)))
+            unlink_generation(d, part, int(gen))
     except redis.RedisError:
         pass
 
@@ -242,7 +248,7 @@ def verify_partition(d: Deployment, part: int, out: Verified, progress: Progress
             row = [v.decode() if v is not None else None for v in reply[4 + 2 * j]]
             index_head = reply[5 + 2 * j]
             alive = row[0] is not None and row[5] is not None and int(row[5]) > now
-            have = dict(zip("spdurx", row)) if alive else None
+            have = dict(zip("spdurxq", row)) if alive else None
             track = folder.tracks.get(jid)
             want = answer.stored_fields(track if track is not None and track.expires_at > now else None)
             if have is None and want is None:
@@ -257,7 +263,7 @@ def verify_partition(d: Deployment, part: int, out: Verified, progress: Progress
                 out.equal += 1
             else:
                 have, want = have or {}, want or {}
-                diff = {answer.FIELD_NAMES[f]: (have.get(f), want.get(f)) for f in "spdurx"
+                diff = {answer.FIELD_NAMES[f]: (have.get(f), want.get(f)) for f in "spdurxq"
                         if have.get(f) != want.get(f)}
                 out.different.append(Difference(jid, part, diff))
 

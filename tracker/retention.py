@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from tracker import times
+from tracker import events, times
 from tracker.store import keys, scripts, streams
 from tracker.store.deployment import Deployment
 
@@ -49,6 +49,7 @@ class Trimmed:
     limited_by: str
     removed: int  # exact when trimmed; counted when a dry run
     dry_run: bool
+    swept: int = 0  # state index entries of tracks past their expiry, removed
 
 
 def _count_before(d: Deployment, stream: str, minid: str) -> int:
@@ -64,15 +65,16 @@ def trim(d: Deployment, retention_ms: int, partition: Optional[int] = None,
             d.client.hset(keys.config(d.prefix), "retention", retention_ms)
         for p in d.partition_list(partition):
             stream = keys.stream(d.prefix, p)
-            minid, why, removed = scripts.call(
+            minid, why, removed, swept = scripts.call(
                 d.client, "trim",
                 [stream, keys.meta(d.prefix, p), keys.replay_state(d.prefix, p),
                  keys.fence(d.prefix, p)],
-                [retention_ms, "1" if dry_run else "0"])
+                [retention_ms, "1" if dry_run else "0", d.ttl_ms, keys.snapshot_prefix(d.prefix, p),
+                 events.RESERVE_MAX * 1000])
             minid, why = minid.decode(), why.decode()
             if dry_run:
                 removed = _count_before(d, stream, minid) if minid not in ("", "0-0") else 0
-            out.append(Trimmed(p, minid, why, int(removed), dry_run))
+            out.append(Trimmed(p, minid, why, int(removed), dry_run, int(swept)))
     return out
 
 

@@ -33,7 +33,7 @@ def id_key(entry_id: str) -> tuple[int, int]:
 
 def format_ms(ms: int) -> str:
     """RFC 3339 UTC with milliseconds (events one second apart must stay apart)."""
-    when = dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc)
+    when = dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
     return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 
 
@@ -61,6 +61,8 @@ def parse_when(text: str, now_ms: int, field: str = "at") -> int:
         return int(text)
     try:
         return events.parse_time(text, field)
-    except ValidationError:
-        raise ValidationError(field, f"expected RFC 3339 (2020-08-01T11:43:20Z), 'now' or a "
+    except ValidationError as e:
+        if e.problem.startswith("timezone missing"):
+            raise
+        raise ValidationError(field, f"expected an RFC 3339 time with a timezone, 'now' or a "
                                      f"relative time like -10m, got {text!r}") from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from tracker.cli.app import cli, pass_app
@@ -50,5 +52,13 @@ def embedded_stop(app):
 @embedded.command("path")
 @pass_app
 def embedded_path(app):
-    """Print the embedded Redis's socket (redis-cli -s PATH, or --redis-url unix://PATH)."""
-    click.echo(str(emb.ensure(app.settings.data_dir)))
+    """Print the embedded Redis's socket (redis-cli -s PATH, or --redis-url unix://PATH).
+
+    Starts nothing: when the server is not running, the path is printed all the same
+    and stderr says so (any other command starts it).
+    """
+    data_dir = app.settings.data_dir
+    click.echo(str(emb.socket_path(Path(data_dir).expanduser().absolute())))
+    if not emb.running(data_dir):
+        click.echo("tracker: the embedded Redis is not running; any tracker command that "
+                   "needs it starts it", err=True)

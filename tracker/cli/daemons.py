@@ -10,8 +10,9 @@ import click
 
 from tracker.cli.app import cli, pass_app
 from tracker.cli.output import echo_json
+from tracker.errors import ConfigError
 from tracker.projector import Projector
-from tracker.server import fwp
+from tracker.server import fwp, proxy
 
 
 @cli.command()
@@ -55,15 +56,35 @@ def project(app, consumer, once, batch, claim_idle, grace, as_json):
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=7419, show_default=True)
 @click.option("--password", envvar="TRACKER_PASSWORD", show_envvar=True,
-              help="Require this password in HELLO (Faktory's pwdhash).")
+              help="Require this password in HELLO (Faktory's pwdhash). Not with --upstream, "
+                   "where clients authenticate with the Faktory server.")
+@click.option("--upstream", envvar="TRACKER_UPSTREAM", show_envvar=True, metavar="URL",
+              help="Proxy to this Faktory server (tcp://[:PASSWORD@]HOST:PORT or tcp+tls://): "
+                   "forward every command, answer TRACK here, publish the lifecycle events seen.")
+@click.option("--upstream-ca", envvar="TRACKER_UPSTREAM_CA", show_envvar=True, metavar="FILE",
+              type=click.Path(dir_okay=False), help="CA bundle for a tcp+tls:// upstream "
+                                                    "[default: the system's].")
 @click.option("--max-line", type=click.IntRange(64), default=1024 * 1024, show_default=True,
               metavar="BYTES", help="Longest command line accepted; longer closes the connection.")
-@click.option("--idle-timeout", type=click.FloatRange(0.1), default=300.0, show_default=True,
-              metavar="SECONDS", help="Close a connection idle this long.")
+@click.option("--idle-timeout", type=click.FloatRange(0.1), metavar="SECONDS",
+              help="Close a connection idle this long. [default: 300; never with --upstream]")
 @click.option("--max-connections", type=click.IntRange(1), default=1000, show_default=True)
 @click.option("--handshake-timeout", type=click.FloatRange(0.1), default=5.0, show_default=True,
               metavar="SECONDS", help="Time a client has to send HELLO.")
+@click.option("--no-uvloop", is_flag=True, help="Use asyncio's own event loop even if uvloop is "
+                                                "installed (pip install 'tracker[fast]').")
 @pass_app
-def serve(app, **options):
-    """Serve the Faktory Work Protocol: TRACK GET / TRACK SET for unmodified Faktory clients."""
-    fwp.run(app.settings, **options)
+def serve(app, upstream, upstream_ca, password, no_uvloop, **options):
+    """Serve the Faktory Work Protocol: TRACK GET / TRACK SET for unmodified Faktory clients.
+
+    With --upstream, be a transparent proxy in front of an open-source Faktory server:
+    point FAKTORY_URL at tracker and tracked jobs get Enterprise-style tracking.
+    """
+    if not upstream:
+        fwp.run(app.settings, password=password, fast_loop=not no_uvloop, **options)
+        return
+    if password:
+        raise ConfigError("password: not used with --upstream (clients authenticate with the "
+                          "Faktory server's own password); unset --password/TRACKER_PASSWORD")
+    proxy.run(app.settings, proxy.Upstream.parse(upstream, upstream_ca),
+              fast_loop=not no_uvloop, **options)

@@ -9,7 +9,6 @@ import click
 from tracker import dlq as dead
 from tracker.cli.app import cli, pass_app
 from tracker.cli.output import echo_json
-from tracker.errors import ValidationError
 
 _partition = click.option("--partition", type=click.IntRange(0), metavar="P",
                           help="Only this partition. [default: all]")
@@ -75,7 +74,7 @@ def purge(app, partition, yes):
         n = dead.count(app.deployment) if partition is None else len(
             dead.list_dead(app.deployment, partition))
         if not sys.stdin.isatty():
-            raise ValidationError("yes", f"purge would delete {n} dead letters; "
-                                         "pass --yes to confirm")
+            raise click.UsageError(f"dlq purge would delete {n} dead letters and there is no "
+                                   "terminal to confirm on: pass --yes")
         click.confirm(f"Delete {n} dead letters?", abort=True)
     click.echo(f"purged {dead.purge(app.deployment, partition)} dead letters")

@@ -16,6 +16,8 @@ from tracker import replay as rp
 from tracker import retention as ret
 from tracker.cli.app import cli, pass_app
 from tracker.cli.output import Progress, echo_json
+from tracker.errors import ValidationError
+from tracker.times import format_ms
 
 
 @cli.command()
@@ -129,6 +131,9 @@ def export(app, since, until, jid, output):
     d = app.deployment
     lo = hist.parse_at(d, since, "since") if since else None
     hi = hist.parse_at(d, until, "until") if until else None
+    if lo is not None and hi is not None and lo > hi:
+        raise ValidationError("since", f"{since!r} is later than --until {until!r} "
+                                       f"({format_ms(lo)} > {format_ms(hi)})")
     if jid:  # one job's entries come from its history index: fold the log first
         app.tracker.settle([d.partition(jid)])
     prog = Progress("export", None if jid else rp.log_length(d))

@@ -3,6 +3,7 @@ and ``get`` (anyone's)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import click
@@ -12,6 +13,7 @@ from tracker.cli.app import App, cli, pass_app
 from tracker.cli.output import echo_json
 from tracker.errors import ValidationError
 from tracker.publisher import Publisher
+from tracker.times import format_ms, parse_when
 
 
 @cli.group()
@@ -83,15 +85,25 @@ _failure_command("failed", events.Failed, "FAIL with retries left.")
 _failure_command("dead", events.Dead, "FAIL with retries exhausted.")
 
 
+def _an_hour_from_now() -> str:
+    """An example --reserve-until that is valid when the help is shown."""
+    return f"{dt.datetime.now(dt.UTC) + dt.timedelta(hours=1):%Y-%m-%dT%H:%M:%SZ}"
+
+
 @cli.command("set")
 @click.argument("jid")
 @click.option("--percent", type=int, metavar="N", help="0..100")
 @click.option("--desc", metavar="TEXT")
-@click.option("--reserve-until", metavar="RFC3339", help="Extend the reservation, e.g. "
-                                                         "2020-08-01T11:43:20Z (at most a day ahead).")
+@click.option("--reserve-until", metavar="RFC3339",
+              help=f"Extend the reservation to this time, at most a day ahead, with a timezone: "
+                   f"e.g. {_an_hour_from_now()} (an hour from now).")
 @pass_app
 def set_(app, jid, percent, desc, reserve_until):
-    """TRACK SET: report a job's progress (the worker's side)."""
+    """TRACK SET: report a job's progress (the worker's side). Give at least one of
+    --percent, --desc, --reserve-until."""
+    events.check_jid(jid)  # a bad JID is the first thing to hear about
+    if percent is None and desc is None and reserve_until is None:
+        raise click.UsageError("set: nothing to set; give --percent, --desc or --reserve-until")
     event = events.make_trackset(jid, percent, desc, reserve_until)
     Publisher(app.deployment).publish(event)
     click.echo("OK")
@@ -105,7 +117,11 @@ def set_(app, jid, percent, desc, reserve_until):
 def get(app, jids, at):
     """TRACK GET: print each job's track, one JSON object per line."""
     if at is not None:
-        when = history.parse_at(app.deployment, at)
+        now = history.redis_now_ms(app.deployment)
+        when = parse_when(at, now, "at")
+        if when > now:
+            raise ValidationError("at", f"{at!r} is in the future (Redis's clock reads "
+                                        f"{format_ms(now)}); the past only")
         for jid in jids:
             echo_json(app.tracker.get_at(jid, when))
         return

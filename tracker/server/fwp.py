@@ -16,23 +16,30 @@ blocks the loop; concurrent TRACK GETs share round trips there.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import secrets
 import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import msgspec
 
 from tracker import events
 from tracker.aio import AsyncTracker
 from tracker.errors import RedisUnavailable, TrackerError, ValidationError
+from tracker.server.wire import bulk, check_password, err_line, pwdhash, shown
 from tracker.store.deployment import Deployment
 from tracker.store.settings import Settings
+
+__all__ = ["Connection", "Hello", "Limits", "Server", "pwdhash", "run"]
+
+uvloop: Any
+try:  # optional: a faster event loop for socket-heavy work (pip install 'tracker[fast]')
+    import uvloop
+except ImportError:  # pragma: no cover - depends on the environment
+    uvloop = None
 
 log = logging.getLogger("tracker.server")
 
@@ -40,13 +47,12 @@ PROTOCOL_VERSION = 2
 CLOSE_GRACE = 5.0  # seconds a closing connection may take to read its last reply
 SHUTDOWN_GRACE = 10.0  # seconds SIGTERM waits for in-flight commands
 PAUSE_AT = 256 * 1024  # unparsed bytes buffered while busy before we stop reading
-_json = msgspec.json.Encoder()
 
 
 @dataclass(frozen=True)
 class Limits:
     max_line: int = 1024 * 1024
-    idle_timeout: float = 300.0
+    idle_timeout: Optional[float] = 300.0  # None: never (the proxy's default, as Faktory)
     max_connections: int = 1000
     handshake_timeout: float = 5.0
 
@@ -63,36 +69,6 @@ class Hello(msgspec.Struct):
 
 
 _hello = msgspec.json.Decoder(Hello)
-
-
-def pwdhash(password: str, salt: str, iterations: int) -> str:
-    """Faktory's hash: sha256(password + salt), then ``iterations - 1`` more rounds."""
-    h = hashlib.sha256((password + salt).encode()).digest()
-    for _ in range(iterations - 1):
-        h = hashlib.sha256(h).digest()
-    return h.hex()
-
-
-def _check_password(password: str, salt: str, iterations: int, given: str) -> bool:
-    """Constant-time. Also accepts the single-round hash, which the PyPI ``faktory``
-    client (1.0.0) sends whatever ``i`` says; the salt is fresh per connection, so
-    this opens no replay and makes online guessing no easier."""
-    given_b = given.encode("ascii", "replace")
-    full = hmac.compare_digest(given_b, pwdhash(password, salt, iterations).encode())
-    once = hmac.compare_digest(given_b, pwdhash(password, salt, 1).encode())
-    return full | once
-
-
-def _bulk(answer: dict) -> bytes:
-    body = _json.encode(answer)
-    return b"$%d\r\n%s\r\n" % (len(body), body)
-
-
-def _shown(raw: bytes, limit: int = 60) -> str:
-    """A client's bytes, safe to echo on one reply line."""
-    text = raw[:limit].decode("utf-8", "replace")
-    text = "".join(c if c.isascii() and c.isprintable() else "?" for c in text)
-    return text + ("..." if len(raw) > limit else "")
 
 
 class Connection(asyncio.Protocol):
@@ -189,7 +165,7 @@ class Connection(asyncio.Protocol):
         verb, _, rest = line.partition(b" ")
         if not self.authed:
             if verb != b"HELLO":
-                self.fail(f"expected HELLO, got {_shown(verb, 20)}")
+                self.fail(f"expected HELLO, got {shown(verb, 20)}")
             else:
                 self.hello(rest)
             return
@@ -200,11 +176,11 @@ class Connection(asyncio.Protocol):
                     fut = self.server.tracker.get_future(arg.decode("utf-8", "replace"))
                 except ValidationError as e:
                     return self.error(str(e))
-                self.run_async(fut, _bulk)
+                self.run_async(fut, bulk)
             elif sub == b"SET":
                 self.run_async(self.track_set(arg))
             else:
-                self.error(f"TRACK: expected GET or SET, got {_shown(sub, 20)!r}")
+                self.error(f"TRACK: expected GET or SET, got {shown(sub, 20)!r}")
         elif verb == b"END":
             self.close()
         elif verb == b"BEAT":  # worker heartbeats (pyfaktory consumers send them at once)
@@ -212,7 +188,7 @@ class Connection(asyncio.Protocol):
         elif verb == b"HELLO":
             self.error("HELLO already received")
         else:
-            self.error(f"unknown command {_shown(verb, 40)}")
+            self.error(f"unknown command {shown(verb, 40)}")
 
     def hello(self, raw: bytes) -> None:
         try:
@@ -233,7 +209,7 @@ class Connection(asyncio.Protocol):
         self.run_async(self.check(hello.pwdhash))
 
     async def check(self, given: str) -> bytes:
-        ok = await asyncio.to_thread(_check_password, self.server.password or "", self.salt,
+        ok = await asyncio.to_thread(check_password, self.server.password or "", self.salt,
                                      self.iterations, given)  # ~10 ms of hashing: off the loop
         if not ok:
             log.info("wrong password from %s", self.peer())
@@ -279,10 +255,7 @@ class Connection(asyncio.Protocol):
         self.process()
 
     # -- replies and closing ------------------------------------------------------
-    @staticmethod
-    def err_line(message: str) -> bytes:
-        text = "".join(c if c.isprintable() else " " for c in message)[:500]
-        return b"-ERR %s\r\n" % text.encode("utf-8", "replace")
+    err_line = staticmethod(err_line)
 
     def write(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
@@ -332,7 +305,7 @@ class Server:
         self.partitions = partitions
         self.password = password or None
         self.limits = limits
-        self.conns: set[Connection] = set()
+        self.conns: set[Any] = set()  # Connection, or the proxy's client side
         self.inflight = 0
         self.stopping = False
         self.port: Optional[int] = None
@@ -346,11 +319,12 @@ class Server:
         self.lost = asyncio.Event()
         self.tracker = await AsyncTracker.open(self.settings, self.partitions)
         try:
-            self._server = await self.loop.create_server(lambda: Connection(self), host, port,
+            await self.opened()
+            self._server = await self.loop.create_server(self.protocol, host, port,
                                                          backlog=1024, reuse_address=True)
             sock = self._server.sockets[0].getsockname()
             self.port = sock[1]
-            log.info("serving Faktory protocol on %s:%d", host, self.port)
+            log.info("serving Faktory protocol on %s:%d%s", host, self.port, self.describe())
             if ready is not None:
                 ready.set()
             sweeper = asyncio.ensure_future(self._sweep())
@@ -366,15 +340,34 @@ class Server:
                 self.lost.clear()
                 try:
                     await asyncio.wait_for(self.lost.wait(), 0.1)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             for c in list(self.conns):
                 c.transport.abort()
             sweeper.cancel()
             await self._server.wait_closed()
         finally:
-            await self.tracker.close()
-            log.info("stopped")
+            try:
+                await self.closing()
+            finally:
+                await self.tracker.close()
+            if self._server is not None:  # it listened (a failed bind says why, once)
+                log.info("stopped")
+
+    # Hooks for a server that does more on the same socket handling (proxy.ProxyServer).
+    def protocol(self) -> asyncio.Protocol:
+        """A new connection's protocol object."""
+        return Connection(self)
+
+    def describe(self) -> str:
+        """Appended to the start-up log line."""
+        return ""
+
+    async def opened(self) -> None:
+        """Runs on the loop before the socket listens."""
+
+    async def closing(self) -> None:
+        """Runs once every connection is gone, before the Redis client closes."""
 
     def stop(self) -> None:
         """Thread-safe: begin a graceful shutdown."""
@@ -386,7 +379,8 @@ class Server:
 
     async def _sweep(self) -> None:
         lim = self.limits
-        tick = max(0.02, min(1.0, lim.idle_timeout / 4, lim.handshake_timeout / 4))
+        idle = lim.idle_timeout
+        tick = max(0.02, min(1.0, (idle or 4.0) / 4, lim.handshake_timeout / 4))
         while True:
             await asyncio.sleep(tick)
             now = time.monotonic()
@@ -398,20 +392,38 @@ class Server:
                     continue
                 elif not c.authed and now - c.started > lim.handshake_timeout:
                     c.fail("handshake timeout")
-                elif now - c.active > lim.idle_timeout:
+                elif idle and now - c.active > idle:
                     c.fail("idle timeout")
 
 
 def run(settings: Settings, host: str, port: int, password: Optional[str], max_line: int,
-        idle_timeout: float, max_connections: int, handshake_timeout: float) -> None:
+        idle_timeout: Optional[float], max_connections: int, handshake_timeout: float,
+        fast_loop: bool = True) -> None:
     """Serve until SIGINT/SIGTERM. Redis problems at start raise TrackerError (exit 1)."""
-    d = Deployment.open(settings)  # version check, partition agreement, clean errors
+    partitions = partitions_of(settings)
+    server = Server(settings, partitions, password,
+                    Limits(max_line, 300.0 if idle_timeout is None else idle_timeout,
+                           max_connections, handshake_timeout))
+    run_server(server, host, port, loop_factory(fast_loop))
+
+
+def loop_factory(fast: bool) -> Any:
+    """uvloop's event loop when installed and wanted (socket-heavy servers gain most)."""
+    return uvloop.new_event_loop if fast and uvloop is not None else None
+
+
+def partitions_of(settings: Settings) -> int:
+    """Open the deployment once (version check, partition agreement, clean errors)."""
+    d = Deployment.open(settings)
     partitions = d.partitions
     d.close()
+    return partitions
+
+
+def run_server(server: Server, host: str, port: int, loop_factory: Any = None) -> None:
+    """Run ``server`` until SIGINT/SIGTERM, on ``loop_factory()``'s loop if given."""
     if log.getEffectiveLevel() > logging.INFO:
         log.setLevel(logging.INFO)  # a daemon says where it listens and when it stops
-    server = Server(settings, partitions, password,
-                    Limits(max_line, idle_timeout, max_connections, handshake_timeout))
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -423,6 +435,14 @@ def run(settings: Settings, host: str, port: int, password: Optional[str], max_l
         await server.serve(host, port)
 
     try:
-        asyncio.run(main())
+        if loop_factory is None:
+            asyncio.run(main())
+        else:
+            loop = loop_factory()
+            try:
+                loop.run_until_complete(main())
+            finally:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.close()
     except OSError as e:
         raise TrackerError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None

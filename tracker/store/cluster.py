@@ -1,7 +1,7 @@
 """Redis Cluster: clients that wait out failovers and slot moves, and per-node pipelines.
 
 ``ClusterClient`` / ``AsyncClusterClient`` are redis-py's cluster clients with every
-command (and every non-transaction pipeline) retried by ``boundary.Patience``.
+command (and every non-transaction pipeline) retried by ``tracker.store.patience.Patience``.
 
 ``send`` / ``asend`` are the cluster's pipelines for tracker's hot paths (script
 calls, bulk publish). redis-py's ClusterPipeline refuses ``evalsha`` and costs about
@@ -41,7 +41,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from tracker.store.boundary import Patience, retryable
+from tracker.store.patience import Patience, retryable
 
 CONNECTION = (redis.ConnectionError, redis.TimeoutError, OSError)
 REDIRECTS_BEFORE_PAUSE = 5

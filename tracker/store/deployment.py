@@ -38,8 +38,8 @@ class Deployment:
     def open(cls, settings: Optional[Settings] = None, client: Any = None,
              check_version: bool = True, **overrides: Any) -> Deployment:
         settings = settings or Settings.from_env(**overrides)
-        client = client or create_client(settings)
-        with redis_errors(settings):
+        with redis_errors(settings):  # a cluster client connects as it is made
+            client = client or create_client(settings)
             if check_version:
                 version = client.info("server").get("redis_version", "0")
                 if tuple(int(x) for x in re.findall(r"\d+", str(version))[:2]) < (6, 2):

@@ -111,3 +111,24 @@ def replay_held(prefix: str, partition: int) -> str:
 def replay_partial(prefix: str, partition: int) -> str:
     """Set of JIDs whose first events were trimmed: the rebuild keeps their live snapshot."""
     return f"{tag(prefix, partition)}:replay:partial"
+
+
+def state_index_prefix(prefix: str, partition: int, gen: int = 0) -> str:
+    """State index keys of generation ``gen`` are this prefix plus the state (Lua derives
+    it from the snapshot prefix: snapshot.lua Snap.index). ``{p}:s:`` can meet no other
+    key: ``{p}:stats`` has no ``:`` after its ``s``."""
+    return f"{tag(prefix, partition)}:s{gen or ''}:"
+
+
+def state_index(prefix: str, partition: int, state: str, gen: int = 0) -> str:
+    """Sorted set of the tracks in ``state`` (score: updated_at ms; member: the JID),
+    kept by the projector in the same step as the snapshots, for listing by state."""
+    return state_index_prefix(prefix, partition, gen) + state
+
+
+# ------------------------------------------------------------------- proxy
+def fetched(prefix: str, partition: int, jid: str) -> str:
+    """String ``"<retry> <retry_count at its next failure>"`` that ``tracker serve
+    --upstream`` keeps for a tracked job it saw fetched, with the reservation as TTL,
+    so an ACK or FAIL on any connection of any proxy process knows what to publish."""
+    return f"{tag(prefix, partition)}:f:{jid}"

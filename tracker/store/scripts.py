@@ -43,6 +43,7 @@ _PARTS = {
     "history": ("ids", "snapshot", "history"),
     "trim": ("ids", "snapshot", "trim"),
     "get": ("ids", "get"),
+    "list": ("ids", "list"),
     "dlq_retry": ("dlq_retry",),
 }
 

@@ -21,6 +21,8 @@ DEFAULT_PARTITIONS = 4
 DEFAULT_CLUSTER_PARTITIONS = 64  # a Redis Cluster: >= 16 per master spreads them evenly (README)
 DEFAULT_TTL = 1800
 DEFAULT_GRACE = 300
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_READ_TIMEOUT = 5.0
 READ_MODES = ("fold", "wait", "stale")  # see tracker/freshness.py
 MAX_PARTITIONS = 1024
 PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -63,14 +65,18 @@ def env_int(name: str) -> Optional[int]:
         raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
 
 
-def env_float(name: str, default: float) -> float:
+def env_seconds(name: str) -> Optional[float]:
     raw = os.environ.get(name)
     if raw in (None, ""):
-        return default
+        return None
     try:
         return float(raw)
     except ValueError:
         raise ConfigError(f"{name}: expected a number of seconds, got {raw!r}") from None
+
+
+def _or(value: Optional[float], default: float) -> float:
+    return default if value is None else value
 
 
 @dataclass
@@ -82,8 +88,12 @@ class Settings:
     ttl: Optional[int] = None  # seconds a track outlives its last update / reservation;
     # None: whatever the deployment holds, else DEFAULT_TTL (a fold parameter, so stored)
     grace: int = DEFAULT_GRACE  # seconds a snapshot key outlives its logical expiry
+    # Seconds to establish a connection: TCP connect, TLS handshake and Redis's handshake
+    # (HELLO/AUTH) each. A peer that does not answer fails once, fast, instead of waiting
+    # out the read timeout on every retry.
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     read: str = "fold"  # how reads reach the log's tip: fold | wait | stale (freshness.py)
-    read_timeout: float = 5.0  # seconds a read may spend reaching it before it gives up
+    read_timeout: float = DEFAULT_READ_TIMEOUT  # seconds a read may wait on a stalled fold
     # Redis Cluster: how long a call keeps retrying through a failover or a slot move
     # (connection lost, CLUSTERDOWN, TRYAGAIN) before the error reaches the caller.
     retry_deadline: float = 10.0
@@ -96,16 +106,20 @@ class Settings:
     def from_env(cls, **overrides: Any) -> Settings:
         """Environment (TRACKER_*) first, then explicit non-None overrides."""
         grace = env_int("TRACKER_GRACE")
+        connect_timeout = env_seconds("TRACKER_CONNECT_TIMEOUT")
+        read_timeout = env_seconds("TRACKER_READ_TIMEOUT")
         s = cls(redis_url=os.environ.get("TRACKER_REDIS_URL") or None,
                 prefix=os.environ.get("TRACKER_PREFIX") or "tracker",
                 partitions=env_int("TRACKER_PARTITIONS"),
                 ttl=env_int("TRACKER_TTL"),
                 grace=DEFAULT_GRACE if grace is None else grace,
+                connect_timeout=(DEFAULT_CONNECT_TIMEOUT if connect_timeout is None
+                                 else connect_timeout),
                 read=os.environ.get("TRACKER_READ") or "fold",
-                read_timeout=env_float("TRACKER_READ_TIMEOUT", 5.0),
-                retry_deadline=env_float("TRACKER_RETRY_DEADLINE", 10.0),
+                read_timeout=(DEFAULT_READ_TIMEOUT if read_timeout is None else read_timeout),
+                retry_deadline=_or(env_seconds("TRACKER_RETRY_DEADLINE"), 10.0),
                 durable_replicas=env_int("TRACKER_DURABLE_REPLICAS") or 0,
-                durable_timeout=env_float("TRACKER_DURABLE_TIMEOUT", 1.0))
+                durable_timeout=_or(env_seconds("TRACKER_DURABLE_TIMEOUT"), 1.0))
         if os.environ.get("TRACKER_DATA_DIR"):
             s.data_dir = Path(os.environ["TRACKER_DATA_DIR"])
         for k, v in overrides.items():
@@ -124,6 +138,9 @@ class Settings:
             raise ConfigError(f"ttl: expected 1..10000000 seconds, got {self.ttl}")
         if not 0 <= self.grace <= 10**7:
             raise ConfigError(f"grace: expected 0..10000000 seconds, got {self.grace}")
+        if not 0 < self.connect_timeout <= 600:
+            raise ConfigError(f"connect-timeout: expected more than 0 and at most 600 seconds, "
+                              f"got {self.connect_timeout:g}")
         if self.read not in READ_MODES:
             raise ConfigError(f"read: expected one of {', '.join(READ_MODES)}, got {self.read!r}")
         if not 0 < self.read_timeout <= 3600:

@@ -106,7 +106,7 @@ for i, entry in ipairs(entries) do
 end
 
 for jid, t in pairs(tracks) do
-  Snap.write(snap .. jid, t, batch.orig[jid], t and t.x + grace)
+  Snap.write(snap, jid, t, batch.orig[jid], t and t.x + grace)
 end
 Snap.flush_index(hist, hidx, retention)
 

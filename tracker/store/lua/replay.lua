@@ -75,7 +75,7 @@ if mode == 'read' then
   local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
   local out = {fmt('%d', now), gen, fin or '', first[1] and first[1][1] or ''}
   for i = 20, #ARGV do
-    out[#out + 1] = redis.call('HMGET', prefix .. ARGV[i], 's', 'p', 'd', 'u', 'r', 'x')
+    out[#out + 1] = redis.call('HMGET', prefix .. ARGV[i], 's', 'p', 'd', 'u', 'r', 'x', 'q')
     out[#out + 1] = redis.call('GETRANGE', hist .. ARGV[i], 0, 9)
   end
   return out
@@ -132,7 +132,7 @@ local function fold_chunk()
         expire_at = hold_until
         redis.call('ZADD', held, t.x, jid)
       end
-      Snap.write(snap .. jid, t, orig[jid], expire_at)
+      Snap.write(snap, jid, t, orig[jid], expire_at)
     end
   end
   if at then
@@ -140,7 +140,7 @@ local function fold_chunk()
     local dead = redis.call('ZRANGEBYSCORE', held, '-inf', at, 'LIMIT', 0, 1000)
     for _, jid in ipairs(dead) do
       local x = redis.call('HGET', snap .. jid, 'x')
-      if x and tonumber(x) <= at then redis.call('DEL', snap .. jid) end
+      if x and tonumber(x) <= at then Snap.delete(snap, jid) end
       redis.call('ZREM', held, jid)
     end
   end
@@ -169,16 +169,16 @@ local kept = 0
 for _, jid in ipairs(redis.call('SMEMBERS', partial)) do
   -- Beginning trimmed away: the log cannot rebuild it, keep the live snapshot.
   local t, raw = Snap.load(old_snap .. jid)
-  redis.call('DEL', snap .. jid)
+  Snap.delete(snap, jid)
   if t and t.x > now then
-    Snap.write(snap .. jid, t, false, t.x + grace)
+    Snap.write(snap, jid, t, false, t.x + grace)
     kept = kept + 1
   end
 end
 for _, jid in ipairs(redis.call('ZRANGE', held, 0, -1)) do
   local x = redis.call('HGET', snap .. jid, 'x')
   if x then
-    if tonumber(x) <= now then redis.call('DEL', snap .. jid) -- expired: not recreated
+    if tonumber(x) <= now then Snap.delete(snap, jid) -- expired: not recreated
     else redis.call('PEXPIREAT', snap .. jid, fmt('%d', tonumber(x) + grace)) end
   end
 end

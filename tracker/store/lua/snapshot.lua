@@ -16,6 +16,14 @@ function Snap.keys(base)
   return tag .. 'meta', tag .. 'h:'
 end
 
+-- State index prefix of a snapshot prefix: '{p}:t:' -> '{p}:s:', '{p}:t7:' -> '{p}:s7:'.
+-- '{p}:s<g>:<state>' is a sorted set of the generation's tracks in that state, scored
+-- by their update time (tracker/store/keys.py state_index): listing by state reads it.
+function Snap.index(snap)
+  local tag, gen = string.match(snap, '^(.*):t(%d*):$')
+  return tag .. ':s' .. gen .. ':'
+end
+
 -- Snapshot prefix of generation gen (a string from the meta hash; absent or '0' = base).
 function Snap.prefix(base, gen)
   if not gen or gen == '0' or gen == '' then return base end
@@ -38,7 +46,7 @@ function Snap.load(key)
     return nil, raw -- not a snapshot we wrote (edited by hand): as if absent, overwritten
   end
   return {s = raw.s, u = tonumber(raw.u), x = tonumber(raw.x), r = tonumber(raw.r) or 0,
-          p = tonumber(raw.p), d = raw.d}, raw
+          p = tonumber(raw.p), d = raw.d, q = raw.q}, raw
 end
 
 -- (ids.lua, prepended before this file, has the ID comparison and the clock.)
@@ -62,26 +70,36 @@ function Snap.batch(prefix, on_miss)
   return b
 end
 
--- Store track t (false/nil: delete) over the raw fields old, expiring the key at expire_at.
-function Snap.write(key, t, old, expire_at)
+-- Store track t (false/nil: delete) of jid under snap, over its raw fields old, the key
+-- expiring at expire_at; keep the state index (Snap.index) in step: a track is in the
+-- index of its state, scored by its update time.
+-- Delete jid's snapshot under snap, and its state index entry.
+function Snap.delete(snap, jid)
+  local s = redis.call('HGET', snap .. jid, 's')
+  if s then redis.call('ZREM', Snap.index(snap) .. s, jid) end
+  redis.call('DEL', snap .. jid)
+end
+
+local OPTIONAL = {'r', 'p', 'd', 'q'}
+function Snap.write(snap, jid, t, old, expire_at)
+  local key, idx = snap .. jid, Snap.index(snap)
+  if old and old.s and (not t or t.s ~= old.s) then redis.call('ZREM', idx .. old.s, jid) end
   if not t then
     if old then redis.call('DEL', key) end
     return
   end
   local args = {'HSET', key, 's', t.s, 'u', fmt('%d', t.u), 'x', fmt('%d', t.x)}
+  local new = {r = t.r > 0 and fmt('%d', t.r) or nil, p = t.p and fmt('%d', t.p), d = t.d, q = t.q}
   local gone = {}
-  if t.r > 0 then
-    args[#args + 1] = 'r'; args[#args + 1] = fmt('%d', t.r)
-  elseif old and old.r then gone[#gone + 1] = 'r' end
-  if t.p then
-    args[#args + 1] = 'p'; args[#args + 1] = fmt('%d', t.p)
-  elseif old and old.p then gone[#gone + 1] = 'p' end
-  if t.d then
-    args[#args + 1] = 'd'; args[#args + 1] = t.d
-  elseif old and old.d then gone[#gone + 1] = 'd' end
+  for _, f in ipairs(OPTIONAL) do
+    if new[f] then
+      args[#args + 1] = f; args[#args + 1] = new[f]
+    elseif old and old[f] then gone[#gone + 1] = f end
+  end
   if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
   redis.call(unpack(args))
   redis.call('PEXPIREAT', key, fmt('%d', expire_at))
+  redis.call('ZADD', idx .. t.s, fmt('%d', t.u), jid)
 end
 
 -- Entry ID '<ms>-<seq>' as 10 bytes: 6 of ms, 4 of seq (capped), big-endian, so

@@ -1,0 +1,146 @@
+"""Listing live tracks by state (and queue), newest update first, from the state index
+the fold keeps in the same step as the snapshots (tracker/listing.py, list.lua)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tracker import replay, retention
+from tracker.aio import AsyncTracker
+from tracker.errors import ValidationError
+from tracker.projector import Projector
+from tracker.query import Tracker
+from tracker.store import keys
+
+
+def _jobs(t: Tracker, n: int, queue="default", state="working", prefix="l"):
+    with t.publisher.batch() as b:
+        for i in range(n):
+            b.enqueued(f"{prefix}-{i}", custom={"track": 1}, queue=queue)
+            if state in ("working", "success"):
+                b.working(f"{prefix}-{i}")
+            if state == "success":
+                b.success(f"{prefix}-{i}")
+
+
+def _all_pages(t: Tracker, state: str, **kw) -> list[dict]:
+    out, cursor = [], None
+    while True:
+        page = t.list_tracks(state, cursor=cursor, **kw)
+        out += page.tracks
+        if page.next_cursor is None:
+            return out
+        cursor = page.next_cursor
+
+
+def test_lists_each_state_newest_first_and_pages_exactly(tracker):
+    _jobs(tracker, 120, state="working", prefix="w")
+    time.sleep(0.005)
+    _jobs(tracker, 7, state="success", prefix="s")
+    _jobs(tracker, 3, state="enqueued", prefix="e")
+    tracker.publisher.enqueued("untracked")
+    working = _all_pages(tracker, "working", limit=25)
+    assert sorted(a["jid"] for a in working) == sorted(f"w-{i}" for i in range(120))
+    assert all(a["state"] == "working" for a in working)
+    stamps = [a["updated_at"] for a in working]
+    assert stamps == sorted(stamps, reverse=True)
+    assert {a["jid"] for a in tracker.list_tracks("success").tracks} == {f"s-{i}" for i in range(7)}
+    assert tracker.list_tracks("success").next_cursor is None
+    assert len(tracker.list_tracks("enqueued").tracks) == 3
+    assert tracker.list_tracks("dead") == ([], None)
+    # each listed track is exactly what TRACK GET answers for it
+    assert working[:10] == tracker.get_many([a["jid"] for a in working[:10]])
+
+
+def test_a_track_moves_between_states(tracker):
+    _jobs(tracker, 1, state="enqueued", prefix="m")
+    assert [a["jid"] for a in tracker.list_tracks("enqueued").tracks] == ["m-0"]
+    tracker.publisher.working("m-0")
+    assert tracker.list_tracks("enqueued").tracks == []
+    assert [a["jid"] for a in tracker.list_tracks("working").tracks] == ["m-0"]
+    tracker.publisher.failed("m-0", errtype="E")
+    tracker.publisher.enqueued("m-0", custom={"track": 1})
+    assert [a["jid"] for a in tracker.list_tracks("enqueued").tracks] == ["m-0"]
+    assert tracker.list_tracks("failed").tracks == []
+
+
+def test_filter_by_queue(tracker):
+    _jobs(tracker, 30, queue="a", prefix="qa")
+    _jobs(tracker, 5, queue="b", prefix="qb")
+    got = _all_pages(tracker, "working", queue="b", limit=2)
+    assert sorted(a["jid"] for a in got) == [f"qb-{i}" for i in range(5)]
+    assert tracker.list_tracks("working", queue="nope").tracks == []
+
+
+def test_equal_update_times_page_without_loss_or_repeat(tracker):
+    """Many tracks updated in the same millisecond: the cursor's JID breaks the tie."""
+    d = tracker.deployment
+    stream = keys.stream(d.prefix, 0)
+    ms = int(time.time() * 1000)
+    pipe = d.client.pipeline(transaction=False)
+    for i in range(60):  # one partition: craft the log with explicit, equal-ms IDs
+        jid = f"tie-{i:02d}"
+        if d.partition(jid) == 0:
+            pipe.xadd(stream, {"t": "enqueued", "j": jid, "k": "1"}, id=f"{ms}-{i}")
+    pipe.execute()
+    want = sorted(j for j in (f"tie-{i:02d}" for i in range(60)) if d.partition(j) == 0)
+    got = _all_pages(tracker, "enqueued", limit=3)
+    assert [a["jid"] for a in got] == sorted(want, reverse=True)
+
+
+def test_expired_tracks_are_not_listed_and_are_swept(backend):
+    d = backend(partitions=2, ttl=1)
+    t = Tracker(d)
+    _jobs(t, 4, state="success", prefix="x")
+    assert len(t.list_tracks("success").tracks) == 4
+    time.sleep(1.1)
+    assert t.list_tracks("success").tracks == []
+    swept = sum(r.swept for r in retention.trim(d, 7 * 86_400_000))
+    assert swept == 4
+    assert not any(d.client.exists(keys.state_index(d.prefix, p, "success"))
+                   for p in range(d.partitions))
+
+
+def test_replay_rebuilds_the_index(tracker):
+    d = tracker.deployment
+    _jobs(tracker, 20, prefix="r")
+    Projector(d, consumer="p").drain()
+    for p in range(d.partitions):
+        d.client.delete(keys.state_index(d.prefix, p, "working"))
+    assert tracker.list_tracks("working").tracks == []
+    replay.rebuild(d)
+    assert len(_all_pages(tracker, "working")) == 20
+    old = [keys.state_index(d.prefix, p, "working") for p in range(d.partitions)]
+    assert not any(d.client.exists(k) for k in old)  # generation 0's index is gone
+
+
+def test_async_list_matches_sync(real_deployment):
+    t = Tracker(real_deployment)
+    _jobs(t, 12, prefix="as")
+
+    async def main():
+        at = await AsyncTracker.open(real_deployment.settings)
+        try:
+            return await at.list_tracks("working", limit=5)
+        finally:
+            await at.close()
+
+    page = asyncio.run(main())
+    assert page == t.list_tracks("working", limit=5)
+    assert len(page.tracks) == 5 and page.next_cursor
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(state="unknown"), "state"), (dict(state="WORKING"), "state"),
+    (dict(state="working", limit=0), "limit"), (dict(state="working", limit=5000), "limit"),
+    (dict(state="working", limit="5"), "limit"), (dict(state="working", cursor="x"), "cursor"),
+    (dict(state="working", cursor="12:"), "cursor"), (dict(state="working", cursor="1:a b"), "jid"),
+    (dict(state="working", queue="a\nb"), "queue"), (dict(state="working", queue="q" * 201), "queue"),
+])
+def test_bad_requests_name_the_field(tracker, kw, field):
+    with pytest.raises(ValidationError) as e:
+        tracker.list_tracks(**kw)
+    assert e.value.field == field

@@ -1,0 +1,95 @@
+"""Listing live tracks by state (and queue), newest update first, across partitions.
+
+Each partition keeps a sorted set per state (``{p}:s<gen>:<state>``, scored by update
+time), written by the fold in the same atomic step as the snapshots (snapshot.lua), so
+listing never scans keys. ``list.lua`` reads one partition's page; this module validates
+the request and merges partitions: every partition is read until it has ``limit``
+matching tracks or has no more, so the merged page is exact, and the cursor (the last
+track's update time and JID) continues all partitions from the same point.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+from projections.track import STATES
+from tracker import answer, events
+from tracker.errors import ValidationError
+from tracker.store import keys, scripts
+
+MAX_LIMIT = 1000
+BUDGET = 2000  # index entries one list.lua call may examine
+LISTABLE = tuple(s for s in STATES if s != "unknown")
+
+
+class TrackPage(NamedTuple):
+    tracks: list[dict]  # TRACK GET answers, newest update first
+    next_cursor: Optional[str]  # pass it back for the next page; None: this was the last
+
+
+class Query(NamedTuple):
+    state: str
+    queue: str  # '' for any
+    limit: int
+    cursor_ms: str  # '' from the newest
+    cursor_jid: str
+
+    @classmethod
+    def of(cls, state: str, queue: Optional[str] = None, limit: int = 50,
+           cursor: Optional[str] = None) -> Query:
+        if state not in LISTABLE:
+            raise ValidationError("state", f"expected one of {', '.join(LISTABLE)}, got {state!r}")
+        if queue is not None:
+            events.make_enqueued("x", queue=queue)  # the queue rules of an enqueued event
+        if type(limit) is not int or not 1 <= limit <= MAX_LIMIT:
+            raise ValidationError("limit", f"expected 1..{MAX_LIMIT}, got {limit!r}")
+        ms, jid = "", ""
+        if cursor:
+            ms, _, jid = cursor.partition(":")
+            if not (ms.isdigit() and len(ms) <= 16 and jid):
+                raise ValidationError("cursor", "not a cursor from a previous page")
+            events.check_jid(jid)
+        return cls(state, queue or "", limit, ms, jid)
+
+    def call(self, prefix: str, part: int, need: str, at: tuple[str, str]) -> scripts.Call:
+        """list.lua's KEYS and ARGV for partition ``part`` from position ``at``."""
+        return ([keys.stream(prefix, part), keys.meta(prefix, part), keys.fence(prefix, part)],
+                [keys.snapshot_prefix(prefix, part), need, self.state, self.queue, self.limit,
+                 at[0], at[1], BUDGET])
+
+
+class Merge:
+    """The partitions' pages so far, and what to ask each of them next."""
+
+    def __init__(self, q: Query, parts: list[int]):
+        self.q = q
+        self.at = {p: (q.cursor_ms, q.cursor_jid) for p in parts}
+        self.found: list[tuple[int, str, list]] = []
+        self.count = {p: 0 for p in parts}
+        self.done: set[int] = set()
+        self.now = 0
+
+    def pending(self) -> list[int]:
+        """Partitions that have neither ``limit`` tracks yet nor nothing left."""
+        return [p for p in self.at if p not in self.done and self.count[p] < self.q.limit]
+
+    def add(self, part: int, reply: list) -> None:
+        """One list.lua reply (rows) of ``part``."""
+        self.now = int(reply[0])
+        if int(reply[2]):
+            self.done.add(part)
+        ms, jid = reply[3], reply[4]
+        self.at[part] = (ms.decode() if isinstance(ms, bytes) else str(ms),
+                         jid.decode() if isinstance(jid, bytes) else str(jid))
+        for i in range(5, len(reply) - 1, 2):
+            row = reply[i + 1]
+            self.found.append((int(row[3]), reply[i].decode(), row))
+            self.count[part] += 1
+
+    def page(self) -> TrackPage:
+        self.found.sort(key=lambda t: (t[0], t[1]), reverse=True)
+        shown = self.found[: self.q.limit]
+        more = len(self.found) > self.q.limit or len(self.done) < len(self.at)
+        cursor = f"{shown[-1][0]}:{shown[-1][1]}" if shown and more else None
+        return TrackPage([answer.track_answer(jid, row, self.now) for _, jid, row in shown],
+                         cursor)
