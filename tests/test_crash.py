@@ -1,8 +1,8 @@
 """Crash test: ``tracker project`` daemons killed with SIGKILL again and again.
 
-Two daemons (subprocesses, real Redis, a unique prefix) fold while a publisher
-appends a few thousand events; every few hundred milliseconds one of them is
-killed -9 and restarted. At the end a ``tracker project --once`` finishes the
+Two daemons (subprocesses, real Redis or the Redis Cluster, a unique prefix) fold
+while a publisher appends a few thousand events; every few hundred milliseconds one
+of them is killed -9 and restarted. At the end a ``tracker project --once`` finishes the
 job and the snapshots must equal the Python fold of the log, every valid entry
 applied exactly once (the stats counters), and nothing left pending.
 """
@@ -33,11 +33,15 @@ TRACKER = [sys.executable, "-c", "import sys; sys.argv[0] = 'tracker'; "
 PARTITIONS = 4
 
 
-@pytest.fixture
-def crash_env(real_redis_url):
+@pytest.fixture(params=["real", "cluster"])
+def crash_env(request):
+    if request.param == "cluster":
+        url = request.getfixturevalue("local_cluster").seeds_url
+    else:
+        url = request.getfixturevalue("real_redis_url")
     prefix = "tcrash" + uuid.uuid4().hex[:10]
-    d = Deployment.open(Settings(redis_url=real_redis_url, prefix=prefix, partitions=PARTITIONS))
-    env = {**os.environ, "TRACKER_REDIS_URL": real_redis_url, "TRACKER_PREFIX": prefix,
+    d = Deployment.open(Settings(redis_url=url, prefix=prefix, partitions=PARTITIONS))
+    env = {**os.environ, "TRACKER_REDIS_URL": url, "TRACKER_PREFIX": prefix,
            "TRACKER_PARTITIONS": str(PARTITIONS)}
     yield d, env
     wipe(d)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import open_real
 
 from projections import track as fold_mod
 from tracker import events, replay
@@ -18,6 +19,16 @@ from tracker.projector import Projector
 from tracker.publisher import Publisher
 from tracker.query import Tracker
 from tracker.store import keys, scripts
+
+
+@pytest.fixture(params=["real", "cluster"])
+def real_deployment(request, prefix):
+    """This module's real-server tests run on single Redis and on the Redis Cluster."""
+    if request.param == "cluster":
+        url = request.getfixturevalue("local_cluster").seeds_url
+    else:
+        url = request.getfixturevalue("real_redis_url")
+    yield from open_real(url, prefix, 4)
 
 
 def fold_log(d):
@@ -128,7 +139,7 @@ def test_one_rebuild_per_partition(deployment):
     replay.rebuild(deployment, partition=1)  # other partitions are free
 
 
-def test_verify_tampered_deleted_and_trimmed(real_deployment, real_redis_url):
+def test_verify_tampered_deleted_and_trimmed(real_deployment):
     d = real_deployment
     pub = Publisher(d)
     proj = Projector(d, consumer="c")
@@ -154,7 +165,7 @@ def test_verify_tampered_deleted_and_trimmed(real_deployment, real_redis_url):
     assert diffs[same[1]]["state"] == (None, "success")
     assert res.cannot_verify[0][0] == "long"
     runner = CliRunner()
-    base = ["--redis-url", real_redis_url, "--prefix", d.prefix]
+    base = ["--redis-url", d.settings.redis_url, "--prefix", d.prefix]
     out = runner.invoke(cli, base + ["replay", "--verify", "--partition", str(part)])
     assert out.exit_code == 1, out.output
     assert "2 different, 1 cannot verify" in out.output and f"different {same[0]}: percent" in out.output

@@ -25,6 +25,7 @@ from tracker import answer, events
 from tracker.freshness import POLL, READER, STEP, Freshness, behind
 from tracker.listing import Merge, Query, TrackPage
 from tracker.projector import project_call
+from tracker.publisher import append_async
 from tracker.query import get_call, plan
 from tracker.store import keys, scripts
 from tracker.store.boundary import check, redis_errors
@@ -209,6 +210,6 @@ class AsyncTracker:
         """TRACK SET with Faktory's JSON payload: validate, append; returns the entry ID."""
         ev = events.decode_trackset_json(payload)
         with redis_errors(self.settings):
-            entry = await self.client.xadd(keys.stream(self.prefix, self.partition(ev.jid)),
-                                           events.encode_entry(ev))
-        return entry.decode()
+            return await append_async(self.client, self.settings,
+                                      keys.stream(self.prefix, self.partition(ev.jid)),
+                                      events.encode_entry(ev))

@@ -22,7 +22,7 @@ import redis
 
 from tracker import events
 from tracker.errors import ValidationError
-from tracker.store import keys, scripts, streams
+from tracker.store import cluster, keys, scripts, streams
 from tracker.store.deployment import Deployment
 
 
@@ -72,8 +72,11 @@ def _show(b: bytes) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _raw(client: redis.Redis) -> redis.Redis:
-    """A client on the same pool whose XRANGE replies stay flat lists."""
+def _raw(client: redis.Redis, key: str) -> redis.Redis:
+    """A client on the same pool whose XRANGE replies stay flat lists (on a Redis
+    Cluster, the pool of the master serving ``key``)."""
+    if cluster.is_cluster(client):
+        client = client.get_redis_connection(client.get_node_from_key(key))
     raw = redis.Redis(connection_pool=client.connection_pool)
     raw.set_response_callback("XRANGE", lambda r, **kw: r)
     return raw
@@ -108,11 +111,11 @@ def list_dead(d: Deployment, partition: Optional[int] = None, ids: Iterable[str]
               limit: Optional[int] = None) -> list[DeadLetter]:
     """Dead letters, oldest first per partition; ``ids`` (ID or P/ID) keeps only those."""
     wanted = [_split(r, d) for r in ids]
-    raw = _raw(d.client)
     out: list[DeadLetter] = []
     with d.errors():
         for p in d.partition_list(partition):
             key = keys.dlq(d.prefix, p)
+            raw = _raw(d.client, key)
             if wanted:
                 for i in sorted({i for part, i in wanted if part in (None, p)}):
                     out.extend(_parse(p, e) for e in raw.xrange(key, i, i))

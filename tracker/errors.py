@@ -32,3 +32,8 @@ class RedisUnavailable(TrackerError):
     """Redis could not be reached or answered with an error we cannot handle."""
 
     exit_code = 1
+
+
+class NotDurable(RedisUnavailable):
+    """Durable publish: fewer replicas than ``durable_replicas`` acknowledged an append
+    in time. The events may be in the log anyway; publishing again is safe (at-least-once)."""

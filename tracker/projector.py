@@ -199,15 +199,15 @@ class Projector:
                 log.warning("partition %d: Redis unavailable (%s); retrying in %.1fs",
                             part, e.__class__.__name__, backoff)
                 self.stopping.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, 1.0)
             except redis.ResponseError as e:
                 log.error("partition %d: Redis error %s; retrying in %.1fs", part, e, backoff)
                 self.stopping.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, 1.0)
             except Exception:  # never let one partition stop folding silently
                 log.exception("partition %d: unexpected error; retrying in %.1fs", part, backoff)
                 self.stopping.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, 1.0)
 
     def run(self, report_every: float = 10.0) -> None:
         """Run until ``stop()``; each thread finishes its batch (atomic) and leaves."""

@@ -4,6 +4,17 @@ Call it where the job server handles PUSH (``enqueued``), FETCH (``working``),
 ACK (``success``) and FAIL (``failed``, or ``dead`` once retries are spent).
 Events are validated before anything is sent; a bad one raises
 ``ValidationError`` and nothing of its call (or its batch) is appended.
+
+On a Redis Cluster a batch goes out as one packed write per master (the events
+grouped by their partition's slot, ``tracker.store.cluster.send``), through
+failovers and slot moves until the retry deadline.
+
+Durable publish (``Settings.durable_replicas``, ``TRACKER_DURABLE_REPLICAS=N``): each
+write ends with ``WAIT N timeout`` on the same connection (WAIT counts only the
+writes of its own connection), so a call returns only once N replicas hold its
+events; fewer raises ``NotDurable``, one line naming the setting. Redis replicates
+asynchronously: without it, a master killed before its replica caught up takes
+acknowledged events with it.
 """
 
 from __future__ import annotations
@@ -14,16 +25,63 @@ from typing import Optional
 import redis
 
 from tracker import events
-from tracker.store import keys
+from tracker.errors import NotDurable
+from tracker.store import cluster, keys
+from tracker.store.boundary import check
 from tracker.store.deployment import Deployment
+from tracker.store.settings import Settings
 
 _encode = events.encode_entry
+
+
+def wait_of(settings: Settings) -> cluster.Wait:
+    """``(replicas, timeout ms)`` for WAIT, or None when publishing is not durable."""
+    if not settings.durable_replicas:
+        return None
+    return settings.durable_replicas, max(1, int(settings.durable_timeout * 1000))
+
+
+def not_durable(settings: Settings, acked: int, where: str) -> NotDurable:
+    wanted = settings.durable_replicas
+    return NotDurable(f"durable_replicas: {acked} of {wanted} replica(s) at {where} acknowledged "
+                      f"within {settings.durable_timeout:g}s; the events may be in the log "
+                      "anyway: publish them again (at-least-once), or lower "
+                      "TRACKER_DURABLE_REPLICAS")
+
+
+def entry_ids(settings: Settings, replies: list) -> list[str]:
+    """Entry IDs from per-node replies (``cluster.send``), raising the first error."""
+    for r in replies:
+        if isinstance(r, cluster.Unreplicated):
+            raise not_durable(settings, r.acked, r.node)
+        check(settings, r)
+    return [r.decode() for r in replies]
+
+
+async def append_async(client, settings: Settings, stream: str, fields: dict) -> str:
+    """One XADD from an asyncio client (``tracker serve``'s TRACK SET), durable when set."""
+    wait = wait_of(settings)
+    if cluster.is_cluster(client):
+        cmd = ["XADD", stream, "*", *[x for kv in fields.items() for x in kv]]
+        replies = await cluster.asend(client, [cmd], cluster.patience_of(client), wait)
+        return entry_ids(settings, replies)[0]
+    if wait is None:
+        return (await client.xadd(stream, fields)).decode()
+    pipe = client.pipeline(transaction=False)  # one connection: WAIT covers this XADD
+    pipe.xadd(stream, fields)
+    pipe.execute_command("WAIT", *wait)
+    entry, acked = await pipe.execute()
+    if acked < wait[0]:
+        raise not_durable(settings, acked, settings.where())
+    return entry.decode()
 
 
 class Publisher:
     def __init__(self, deployment: Deployment):
         self.deployment = deployment
         self._client = deployment.client
+        self._wait = wait_of(deployment.settings)
+        self._cluster = deployment.cluster
 
     def _stream(self, jid: str) -> str:
         d = self.deployment
@@ -38,7 +96,7 @@ class Publisher:
         if not evs:
             return []
         with self.deployment.errors():
-            if len(evs) == 1:
+            if len(evs) == 1 and self._wait is None and not self._cluster:
                 ev = evs[0]
                 return [self._client.xadd(self._stream(ev.jid), _encode(ev)).decode()]
             cmds = []
@@ -47,22 +105,35 @@ class Publisher:
                 for item in _encode(ev).items():
                     cmd.extend(item)
                 cmds.append(cmd)
+            if self._cluster:
+                replies = cluster.send(self._client, cmds, cluster.patience_of(self._client),
+                                       self._wait)
+                return entry_ids(self.deployment.settings, replies)
             return [i.decode() for i in self._send_all(cmds)]
 
     def _send_all(self, cmds: list[list]) -> list:
         """All commands in one write, replies read back in order: a pipeline without
         redis-py's per-command bookkeeping (1.4x the events/s of ``pipeline()``).
+        Durable: ``WAIT`` ends the write, on the same connection.
 
         On any error the connection is dropped, so no unread reply outlives the call.
         As with any pipeline, a batch cut by a lost connection may be partly appended:
         publishing is at-least-once when the caller retries.
         """
         pool = self._client.connection_pool
+        wait = self._wait
+        packed = cmds + [("WAIT", *wait)] if wait else cmds
         for attempt in (0, 1):
             conn = pool.get_connection()
             try:
-                conn.send_packed_command(conn.pack_commands(cmds))
-                return [conn.read_response() for _ in cmds]
+                conn.send_packed_command(conn.pack_commands(packed))
+                replies = [conn.read_response() for _ in cmds]
+                if wait:
+                    acked = conn.read_response()
+                    if acked < wait[0]:
+                        raise not_durable(self.deployment.settings, acked,
+                                          self.deployment.settings.where())
+                return replies
             except redis.ConnectionError:
                 conn.disconnect()
                 if attempt:

@@ -28,7 +28,7 @@ from projections import track as fold_mod
 from tracker import answer, events, retention
 from tracker.errors import TrackerError
 from tracker.history import unpack_ids
-from tracker.store import keys, scripts, streams
+from tracker.store import cluster, keys, scripts, streams
 from tracker.store.deployment import Deployment
 from tracker.store.scripts import LIMITS
 from tracker.times import id_key, id_ms
@@ -76,10 +76,11 @@ def never_trimmed(client: redis.Redis, stream: str) -> bool:
 
 
 def unlink_prefix(client: redis.Redis, prefix: str) -> int:
-    """UNLINK every key starting with ``prefix`` (one partition's, by its hash tag)."""
+    """UNLINK every key starting with ``prefix`` (one partition's, by its hash tag: on a
+    cluster the scan asks only the node serving that partition)."""
     pattern = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
     n, batch = 0, []
-    for key in client.scan_iter(match=pattern, count=1000):
+    for key in cluster.scan_keys(client, pattern, prefix):
         batch.append(key)
         if len(batch) >= 500:
             n += client.unlink(*batch)
@@ -232,9 +233,8 @@ def verify_partition(d: Deployment, part: int, out: Verified, progress: Progress
     trimmed = not never_trimmed(d.client, keys.stream(d.prefix, part))
     folder = _Folder(d, part, progress)
     folder.advance(fin)
-    live = {k.decode()[len(keys.snapshot_prefix_gen(d.prefix, part, int(gen))):] for k in
-            d.client.scan_iter(match=keys.snapshot_prefix_gen(d.prefix, part, int(gen)) + "*",
-                               count=1000)}
+    snaps = keys.snapshot_prefix_gen(d.prefix, part, int(gen))
+    live = {k.decode()[len(snaps):] for k in cluster.scan_keys(d.client, snaps + "*", snaps)}
     jids = sorted(live | set(folder.tracks))
     for i in range(0, len(jids), 500):
         batch = jids[i:i + 500]

@@ -1,4 +1,5 @@
-"""Per-partition health: how long the log is, how far the projector lags."""
+"""Per-partition health: how long the log is, how far the projector lags, and on a
+Redis Cluster which master serves it (from the client's slot map)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ def partition_status(d: Deployment) -> list[dict]:
         pipe.hget(keys.stats(d.prefix, p), "applied")
     with d.errors():
         replies = pipe.execute(raise_on_error=False)
+        nodes = [d.node_of(p) for p in range(d.partitions)]
     for reply in replies:  # a missing stream or group is data; anything else is trouble
         if not (isinstance(reply, redis.RedisError) and "no such key" in str(reply).lower()):
             check(d.settings, reply)
@@ -37,5 +39,14 @@ def partition_status(d: Deployment) -> list[dict]:
             lag = length
         rows.append({"partition": p, "length": length, "lag": lag, "pending": pending,
                      "dead_letters": dlq if isinstance(dlq, int) else 0,
-                     "folded": int(applied or 0)})
+                     "folded": int(applied or 0), "node": nodes[p]})
     return rows
+
+
+def node_summary(rows: list[dict]) -> dict[str, int]:
+    """Master -> how many partitions it serves (empty on single Redis)."""
+    out: dict[str, int] = {}
+    for r in rows:
+        if r["node"]:
+            out[r["node"]] = out.get(r["node"], 0) + 1
+    return dict(sorted(out.items()))

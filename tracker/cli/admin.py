@@ -8,7 +8,7 @@ import click
 
 from tracker.cli.app import cli, pass_app
 from tracker.cli.output import echo_json
-from tracker.status import partition_status
+from tracker.status import node_summary, partition_status
 from tracker.store import embedded as emb
 
 
@@ -16,17 +16,25 @@ from tracker.store import embedded as emb
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_app
 def status(app, as_json):
-    """Show each partition: log length, lag, dead letters, events folded."""
+    """Show each partition: log length, lag, dead letters, events folded, and on a Redis
+    Cluster the master that serves it."""
     rows = partition_status(app.deployment)
+    nodes = node_summary(rows)
     if as_json:
-        echo_json({"where": app.settings.where(), "partitions": rows})
+        echo_json({"where": app.settings.where(), "cluster": app.deployment.cluster,
+                   "nodes": nodes, "partitions": rows})
         return
     click.echo(f"{app.settings.where()}, prefix {app.settings.prefix!r}, "
                f"{len(rows)} partitions")
-    click.echo(f"{'part':>4} {'log':>9} {'lag':>7} {'pending':>7} {'dlq':>6} {'folded':>10}")
+    if nodes:
+        click.echo(f"Redis Cluster, {len(nodes)} masters: " +
+                   ", ".join(f"{n} serves {k}" for n, k in nodes.items()))
+    node = f" {'node':<21}" if nodes else ""
+    click.echo(f"{'part':>4} {'log':>9} {'lag':>7} {'pending':>7} {'dlq':>6} {'folded':>10}{node}")
     for r in rows:
+        node = f" {r['node']:<21}" if nodes else ""
         click.echo(f"{r['partition']:>4} {r['length']:>9} {r['lag']:>7} {r['pending']:>7} "
-                   f"{r['dead_letters']:>6} {r['folded']:>10}")
+                   f"{r['dead_letters']:>6} {r['folded']:>10}{node}".rstrip())
 
 
 @cli.group()

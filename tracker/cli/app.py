@@ -16,6 +16,7 @@ from typing import Optional
 
 import click
 import redis
+from redis.exceptions import RedisClusterException
 
 from tracker.errors import TrackerError
 from tracker.query import Tracker
@@ -50,15 +51,17 @@ pass_app = click.make_pass_decorator(App)
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--redis-url", envvar="TRACKER_REDIS_URL", show_envvar=True, metavar="URL",
-              help="redis://, rediss:// or unix:// URL (user and password allowed). "
-                   "Default: an embedded Redis under --data-dir.")
+              help="redis://, rediss:// or unix:// URL (user and password allowed); a Redis "
+                   "Cluster is detected, or give seeds redis://h1:7000,h2:7001 or "
+                   "redis+cluster://. Default: an embedded Redis under --data-dir.")
 @click.option("--data-dir", envvar="TRACKER_DATA_DIR", show_envvar=True,
               type=click.Path(file_okay=False, path_type=Path),
               help="Where the embedded Redis keeps its data. [default: ~/.local/share/tracker]")
 @click.option("--prefix", envvar="TRACKER_PREFIX", show_envvar=True, default="tracker",
               show_default=True, help="Key prefix: one deployment per prefix.")
 @click.option("--partitions", envvar="TRACKER_PARTITIONS", show_envvar=True, type=int,
-              help="Stream partitions, fixed when a deployment is first used. [default: 4]")
+              help="Stream partitions, fixed when a deployment is first used. "
+                   "[default: 4; 64 on a Redis Cluster]")
 @click.option("--ttl", envvar="TRACKER_TTL", show_envvar=True, type=int,
               help="Seconds a track lives after its last update or reservation, fixed when a "
                    "deployment is first used. [default: 1800]")
@@ -88,7 +91,7 @@ def main() -> None:
     except TrackerError as e:
         click.echo(f"tracker: error: {e}", err=True)
         sys.exit(e.exit_code)
-    except redis.RedisError as e:  # a path that missed the boundary: still one line
+    except (redis.RedisError, RedisClusterException) as e:  # missed the boundary: one line
         click.echo(f"tracker: error: Redis: {_hidden(str(e))}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:

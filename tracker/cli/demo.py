@@ -101,8 +101,8 @@ def run_demo(app, jobs: int = 6, seed: int = 7) -> None:
     base = app.settings
     settings = Settings(redis_url=base.redis_url, data_dir=base.data_dir,
                         prefix=f"{base.prefix}-demo", ttl=base.ttl)
-    client = create_client(settings)
     with redis_errors(settings):  # a fresh demo each run: its own prefix, emptied first
+        client = create_client(settings)
         for pattern in (f"{{{settings.prefix}:*", f"{settings.prefix}:*"):
             stale = list(client.scan_iter(match=pattern, count=1000))
             if stale:

@@ -26,7 +26,7 @@ import redis.asyncio as aredis
 
 from tracker import events
 from tracker.errors import TrackerError
-from tracker.store import keys
+from tracker.store import cluster, keys
 from tracker.store.boundary import unavailable
 from tracker.store.settings import Settings
 
@@ -169,7 +169,14 @@ class Outbox:
 
     async def _pipeline(self, cmds: list[list]) -> list:
         """All commands in one write, replies read back in order (errors in place);
-        one retry on a new connection if the connection breaks."""
+        one retry on a new connection if the connection breaks. On a Redis Cluster,
+        one write per master (``cluster.asend``), retried through failovers."""
+        if cluster.is_cluster(self.client):
+            out = await cluster.asend(self.client, cmds, cluster.patience_of(self.client))
+            for reply in out:
+                if isinstance(reply, (redis.ConnectionError, redis.TimeoutError)):
+                    raise unavailable(self.settings, reply) from reply
+            return out
         pool = self.client.connection_pool
         for attempt in (0, 1):
             try:

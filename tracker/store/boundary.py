@@ -4,6 +4,9 @@ Every call into Redis runs inside ``redis_errors(settings)``; what leaves it is
 a ``TrackerError`` whose message names the server (password hidden) and says
 what to do. Replies that carry an error in place (pipelines run with
 ``raise_on_error=False``) go through ``check``.
+
+On a Redis Cluster, calls first ride out failovers and slot moves
+(``tracker.store.patience``); what is left after its deadline is translated here.
 """
 
 from __future__ import annotations
@@ -13,9 +16,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
+from redis.exceptions import (
+    RedisClusterException,
+)
 
 from tracker.errors import RedisUnavailable
 from tracker.store.connection import ConnectTimeout
+from tracker.store.patience import retryable
 from tracker.store.settings import Settings, hide_password
 
 
@@ -29,10 +36,18 @@ def unavailable(settings: Settings, err: BaseException) -> RedisUnavailable:
         return RedisUnavailable(f"the Redis user at {where} lacks a permission: {text}. "
                                 "See the README's least-privilege section.")
     text = text.rstrip(".")
+    if "Cluster mode is not enabled" in text:
+        return RedisUnavailable(f"Redis at {where} is not a Redis Cluster: drop '+cluster' from "
+                                "the URL (a plain server is used as it is)")
+    if retryable(err) and not isinstance(err, (redis.ConnectionError, redis.TimeoutError)):
+        return RedisUnavailable(f"the Redis Cluster at {where} did not settle within "
+                                f"{settings.retry_deadline:g}s ({text}): a failover or a slot "
+                                "move still under way? Retry, or raise TRACKER_RETRY_DEADLINE.")
     if isinstance(err, ConnectTimeout) or isinstance(err.__cause__, ConnectTimeout):
         return RedisUnavailable(f"cannot use Redis at {where}: {text}. Check the URL's host, "
                                 "port and scheme, or raise TRACKER_CONNECT_TIMEOUT.")
-    if isinstance(err, (redis.ConnectionError, redis.TimeoutError)):
+    if isinstance(err, (redis.ConnectionError, redis.TimeoutError)) or (
+            isinstance(err, RedisClusterException) and "cannot be connected" in text):
         return RedisUnavailable(f"cannot use Redis at {where}: {text}. Is it running? "
                                 "Set --redis-url or TRACKER_REDIS_URL.")
     return RedisUnavailable(f"Redis at {where} answered an error: {text}")
@@ -46,7 +61,7 @@ def redis_errors(settings: Settings) -> Iterator[None]:
     """
     try:
         yield
-    except redis.RedisError as e:
+    except (redis.RedisError, RedisClusterException) as e:
         raise unavailable(settings, e) from e
 
 

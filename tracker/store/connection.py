@@ -14,6 +14,20 @@ connections (a Redis restarting) are still retried with backoff: they fail fast.
 The first connection to a server with a password also asks whether the server
 checks it (``AUTH <password>`` alone answers "called without any password
 configured" when the default user has none) and logs one warning if it does not.
+
+Redis Cluster, from the same URL forms:
+
+- ``redis://host:7000`` naming any node (master or replica) of a cluster: detected
+  with ``INFO cluster`` (``cluster_enabled:1``), once per URL and process;
+- ``redis://h1:7000,h2:7001,...``: several seed nodes, always a cluster (dead seeds
+  are skipped; redis-py's own ``from_url`` takes one host only);
+- ``redis+cluster://`` / ``rediss+cluster://``: cluster mode without the probe.
+
+A cluster has only database 0 (``/1`` is a one-line ConfigError) and no unix
+sockets. Its clients retry every call through failovers and slot moves until
+``Settings.retry_deadline`` (``tracker.store.cluster``, ``tracker.store.patience``).
+Redis errors while connecting are raised as redis-py's; callers translate them
+(``boundary.redis_errors``, which imports this module).
 """
 
 from __future__ import annotations
@@ -21,16 +35,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Any, Optional
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aredis
+import redis.asyncio.cluster as acluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
+from redis.cluster import ClusterNode
 from redis.retry import Retry
 
 from tracker.errors import ConfigError
 from tracker.store import embedded
+from tracker.store.cluster import AsyncClusterClient, ClusterClient
+from tracker.store.patience import Patience
 from tracker.store.settings import Settings, redact
 
 log = logging.getLogger(__name__)
@@ -269,10 +289,81 @@ def _url(settings: Settings) -> str:
     return f"unix://{embedded.ensure(settings.data_dir)}"
 
 
-def create_client(settings: Settings, socket_timeout: Optional[float] = 10.0) -> redis.Redis:
-    """A redis-py client for the settings (starting the embedded server if needed)."""
+_probed: dict[str, bool] = {}  # single-host URL -> cluster_enabled, probed once per process
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a URL points: ``url`` is redis-py's single-host form of the first seed,
+    without the database (a cluster's is always 0; the probe must not SELECT)."""
+
+    url: str
+    seeds: tuple[tuple[str, int], ...]
+    cluster: Optional[bool]  # True: a cluster for sure; None: probe; False: unix socket
+    db: int
+    scheme: str = "redis"  # redis, rediss or unix (without '+cluster')
+
+
+def target(settings: Settings) -> Target:
+    """Parse ``settings.redis_url`` (seed lists and ``+cluster`` schemes included)."""
+    url = settings.redis_url or ""
+    parts = urlsplit(url)
+    scheme, forced = parts.scheme, None
+    if scheme == "unix":
+        return Target(url, (), False, 0, "unix")
+    if scheme.endswith("+cluster"):
+        scheme, forced = scheme[: -len("+cluster")], True
+    creds, at, hosts = parts.netloc.rpartition("@")
+    seeds = []
+    for h in hosts.split(","):
+        try:
+            one = urlsplit("//" + h)
+            seeds.append((one.hostname or "localhost", one.port or 6379))
+        except ValueError:
+            raise ConfigError(f"redis-url: bad host:port {h[:60]!r} in "
+                              f"{redact(url)!r}") from None
+    if len(seeds) > 1:
+        forced = True
+    db_text = parts.path.strip("/") or "0"
+    if not db_text.isdigit():
+        raise ConfigError(f"redis-url: the database must be a number, got /{db_text[:20]}")
+    db = int(db_text)
+    if forced and db:
+        raise ConfigError(f"redis-url: a Redis Cluster has only database 0, got /{db}")
+    first = f"{creds}{at}{hosts.split(',')[0]}"
+    return Target(urlunsplit((scheme, first, "", parts.query, "")), tuple(seeds), forced, db,
+                  scheme)
+
+
+def is_cluster(settings: Settings, t: Target) -> bool:
+    """Whether the URL names a cluster: forced, several seeds, or ``cluster_enabled:1``."""
+    if t.cluster is not None:
+        return t.cluster
+    if t.url not in _probed:
+        try:
+            probe = redis.Redis.from_url(t.url, connection_class=_CLASSES[t.scheme][0],
+                                         **connection_options(settings, 5.0))
+        except ValueError as e:
+            raise bad_url(settings, e) from None
+        try:
+            _probed[t.url] = int(probe.info("cluster").get("cluster_enabled", 0)) == 1
+        finally:
+            probe.close()
+    if _probed[t.url] and t.db:
+        raise ConfigError(f"redis-url: {settings.where()} is a Redis Cluster, which has only "
+                          f"database 0, got /{t.db}")
+    return _probed[t.url]
+
+
+def create_client(settings: Settings, socket_timeout: Optional[float] = 10.0) -> Any:
+    """A redis-py client for the settings (starting the embedded server if needed):
+    ``redis.Redis``, or ``ClusterClient`` (a RedisCluster) for a cluster."""
     url = _url(settings)
     common = connection_options(settings, socket_timeout)
+    if settings.redis_url:
+        t = target(settings)
+        if is_cluster(settings, t):
+            return _cluster(settings, t, socket_timeout)
     try:
         connection_class = _CLASSES[url.split("://", 1)[0]][0]
         return redis.Redis.from_url(url, connection_class=connection_class, **common)
@@ -281,10 +372,15 @@ def create_client(settings: Settings, socket_timeout: Optional[float] = 10.0) ->
 
 
 def create_async_client(settings: Settings, max_connections: int = 32,
-                        socket_timeout: Optional[float] = 10.0) -> aredis.Redis:
+                        socket_timeout: Optional[float] = 10.0) -> Any:
     """The redis.asyncio twin of ``create_client``. Its pool blocks when full
     (commands wait for a connection) instead of failing, so a burst of clients
-    cannot exhaust it."""
+    cannot exhaust it. On a cluster, ``AsyncClusterClient`` (per node, up to
+    ``max_connections`` connections; past that a command waits and retries)."""
+    if settings.redis_url:
+        t = target(settings)
+        if is_cluster(settings, t):
+            return _async_cluster(settings, t, max_connections, socket_timeout)
     url = _url(settings)
     common = dict(connection_options(settings, socket_timeout, asynchronous=True),
                   max_connections=max_connections, timeout=socket_timeout)
@@ -297,3 +393,40 @@ def create_async_client(settings: Settings, max_connections: int = 32,
         raise bad_url(settings, ValueError(str(e))) from None
     pool = aredis.BlockingConnectionPool(**{**common, **options})  # the URL's options win
     return aredis.Redis.from_pool(pool)
+
+
+def _cluster(settings: Settings, t: Target, socket_timeout: Optional[float]) -> ClusterClient:
+    """redis-py's RedisCluster (reading the slot map now). It builds each node's client
+    itself, with redis-py's own connection classes and handshake: the connect timeout
+    bounds the TCP connect only, and the unchecked-password warning is not given."""
+    try:
+        options: dict[str, Any] = dict(redis.connection.parse_url(t.url))
+    except ValueError as e:
+        raise bad_url(settings, e) from None
+    options.pop("db", None)
+    if options.pop("connection_class", None) is redis.SSLConnection:
+        options["ssl"] = True
+    client = ClusterClient(startup_nodes=[ClusterNode(h, p) for h, p in t.seeds[1:]],
+                           socket_timeout=socket_timeout,
+                           socket_connect_timeout=settings.connect_timeout,
+                           require_full_coverage=False, **options)
+    client.patience = Patience(settings.retry_deadline)
+    return client
+
+
+def _async_cluster(settings: Settings, t: Target, max_connections: int,
+                   socket_timeout: Optional[float]) -> AsyncClusterClient:
+    try:
+        options: dict[str, Any] = dict(aredis.connection.parse_url(t.url))
+    except ValueError as e:
+        raise bad_url(settings, e) from None
+    options.pop("db", None)
+    if options.pop("connection_class", None) is aredis.SSLConnection:
+        options["ssl"] = True
+    client = AsyncClusterClient(
+        startup_nodes=[acluster.ClusterNode(h, p) for h, p in t.seeds[1:]],
+        max_connections=max_connections, socket_timeout=socket_timeout,
+        socket_connect_timeout=settings.connect_timeout, require_full_coverage=False,
+        **options)
+    client.patience = Patience(settings.retry_deadline)
+    return client

@@ -10,19 +10,21 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
-import redis
-
 from tracker.errors import ConfigError, ValidationError
-from tracker.store import keys
+from tracker.store import cluster, keys
 from tracker.store.boundary import redis_errors
 from tracker.store.connection import create_client
-from tracker.store.settings import DEFAULT_PARTITIONS, DEFAULT_TTL, Settings
+from tracker.store.settings import DEFAULT_CLUSTER_PARTITIONS, DEFAULT_PARTITIONS, DEFAULT_TTL, Settings
 
 
 class Deployment:
-    """One tracker installation: client, prefix, partitions, TTL."""
+    """One tracker installation: client, prefix, partitions, TTL.
 
-    def __init__(self, client: redis.Redis, settings: Settings, partitions: int,
+    ``client`` is a ``redis.Redis`` or, on a Redis Cluster, a ``RedisCluster``
+    (``tracker.store.cluster.ClusterClient``); services send the same commands to both.
+    """
+
+    def __init__(self, client: Any, settings: Settings, partitions: int,
                  ttl: Optional[int] = None):
         self.client = client
         self.settings = settings
@@ -33,11 +35,11 @@ class Deployment:
         self.grace_ms = settings.grace * 1000
 
     @classmethod
-    def open(cls, settings: Optional[Settings] = None, client: Optional[redis.Redis] = None,
+    def open(cls, settings: Optional[Settings] = None, client: Any = None,
              check_version: bool = True, **overrides: Any) -> Deployment:
         settings = settings or Settings.from_env(**overrides)
-        client = client or create_client(settings)
-        with redis_errors(settings):
+        with redis_errors(settings):  # a cluster client connects as it is made
+            client = client or create_client(settings)
             if check_version:
                 version = client.info("server").get("redis_version", "0")
                 if tuple(int(x) for x in re.findall(r"\d+", str(version))[:2]) < (6, 2):
@@ -47,14 +49,18 @@ class Deployment:
         return cls(client, settings, partitions, ttl)
 
     @staticmethod
-    def _agree(client: redis.Redis, settings: Settings) -> tuple[int, int]:
+    def _agree(client: Any, settings: Settings) -> tuple[int, int]:
         """Partition count and TTL, fixed in the config hash by the first process, so every
-        projector, replay and verify folds alike (one round trip when already set)."""
+        projector, replay and verify folds alike (one round trip when already set).
+        A new deployment on a cluster gets more partitions, so they spread over the
+        masters (see the README)."""
         key = keys.config(settings.prefix)
         stored = client.hmget(key, "partitions", "ttl")
         if None in stored:
+            default = DEFAULT_CLUSTER_PARTITIONS if cluster.is_cluster(client) else \
+                DEFAULT_PARTITIONS
             pipe = client.pipeline(transaction=False)
-            pipe.hsetnx(key, "partitions", settings.partitions or DEFAULT_PARTITIONS)
+            pipe.hsetnx(key, "partitions", settings.partitions or default)
             pipe.hsetnx(key, "ttl", settings.ttl or DEFAULT_TTL)
             pipe.hmget(key, "partitions", "ttl")
             stored = pipe.execute()[-1]
@@ -66,6 +72,15 @@ class Deployment:
                                   f"{theirs}, fixed when it was first used (all processes must "
                                   f"fold alike); drop --{name} or use another --prefix")
         return n, ttl
+
+    @property
+    def cluster(self) -> bool:
+        """True on a Redis Cluster."""
+        return cluster.is_cluster(self.client)
+
+    def node_of(self, partition: int) -> Optional[str]:
+        """``host:port`` of the master serving the partition (None on single Redis)."""
+        return cluster.node_name(self.client, keys.stream(self.prefix, partition))
 
     def errors(self):
         """``with d.errors(): ...``: Redis errors become TrackerErrors (see boundary)."""

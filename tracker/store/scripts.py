@@ -10,6 +10,12 @@ re-sent. ``run`` is the sync face and ``arun`` the asyncio one; both send many
 calls in one round trip and return errors in place, as
 ``pipeline.execute(raise_on_error=False)`` does. (redis-py's Script objects
 send SCRIPT EXISTS first in a pipeline: a second round trip on every call.)
+
+On a Redis Cluster the calls go through ``tracker.store.cluster.send``: each to the
+master of its partition's slot (every declared key shares the partition's hash
+tag), one packed write per node, MOVED/ASK/TRYAGAIN and lost connections handled
+there until the deadline. SCRIPT LOAD reaches every master; a promoted replica
+never had the scripts (they are not replicated) and answers NOSCRIPT once.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 import projections
 from tracker import events
+from tracker.store import cluster
 
 _LUA = Path(__file__).parent / "lua"
 _FOLD = Path(projections.__file__).parent / "track.lua"
@@ -73,6 +80,10 @@ def _noscript(replies: list, todo: list[int], out: list) -> list[int]:
     return [i for i, r in zip(todo, out) if isinstance(r, NoScriptError)]
 
 
+def _evalsha(s: Script, calls: Sequence[Call], todo: list[int]) -> list[list]:
+    return [["EVALSHA", s.sha, len(calls[i][0]), *calls[i][0], *calls[i][1]] for i in todo]
+
+
 def _send(client, s: Script, calls: Sequence[Call], todo: list[int]):
     """One EVALSHA, or a pipeline of them; returns a list or, on asyncio, an awaitable."""
     if len(todo) == 1:
@@ -90,12 +101,16 @@ def run(client, name: str, calls: Sequence[Call]) -> list:
     s = script(name)
     replies: list = [None] * len(calls)
     todo = list(range(len(calls)))
+    on_cluster = cluster.is_cluster(client)
     for attempt in (0, 1):
-        try:
-            out = _send(client, s, calls, todo)
-            out = [out] if len(todo) == 1 else out
-        except (NoScriptError, ResponseError) as e:  # a single call raises
-            out = [e]
+        if on_cluster:
+            out = cluster.send(client, _evalsha(s, calls, todo), cluster.patience_of(client))
+        else:
+            try:
+                out = _send(client, s, calls, todo)
+                out = [out] if len(todo) == 1 else out
+            except (NoScriptError, ResponseError) as e:  # a single call raises
+                out = [e]
         todo = _noscript(replies, todo, out)
         if not todo or attempt:
             break
@@ -108,12 +123,17 @@ async def arun(client, name: str, calls: Sequence[Call]) -> list:
     s = script(name)
     replies: list = [None] * len(calls)
     todo = list(range(len(calls)))
+    on_cluster = cluster.is_cluster(client)
     for attempt in (0, 1):
-        try:
-            out = await _send(client, s, calls, todo)
-            out = [out] if len(todo) == 1 else out
-        except (NoScriptError, ResponseError) as e:
-            out = [e]
+        if on_cluster:
+            out = await cluster.asend(client, _evalsha(s, calls, todo),
+                                      cluster.patience_of(client))
+        else:
+            try:
+                out = await _send(client, s, calls, todo)
+                out = [out] if len(todo) == 1 else out
+            except (NoScriptError, ResponseError) as e:
+                out = [e]
         todo = _noscript(replies, todo, out)
         if not todo or attempt:
             break

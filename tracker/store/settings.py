@@ -18,6 +18,7 @@ from tracker.errors import ConfigError
 from tracker.store import embedded
 
 DEFAULT_PARTITIONS = 4
+DEFAULT_CLUSTER_PARTITIONS = 64  # a Redis Cluster: >= 16 per master spreads them evenly (README)
 DEFAULT_TTL = 1800
 DEFAULT_GRACE = 300
 DEFAULT_CONNECT_TIMEOUT = 5.0
@@ -25,21 +26,21 @@ DEFAULT_READ_TIMEOUT = 5.0
 READ_MODES = ("fold", "wait", "stale")  # see tracker/freshness.py
 MAX_PARTITIONS = 1024
 PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+URL_RE = re.compile(r"(rediss?(\+cluster)?|unix)://")
 
 
 def redact(url: str) -> str:
-    """The URL with any password replaced, fit for logs and errors."""
+    """The URL with any password replaced, fit for logs and errors (also a seed list,
+    ``redis://user:pw@h1:7000,h2:7001``, whose netloc urllib cannot give a port)."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable URL>"
-    if parts.password is None:
+    creds, at, hosts = parts.netloc.rpartition("@")
+    if not at or ":" not in creds:
         return url
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    user = creds.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
 
 
 def hide_password(url: Optional[str], text: str) -> str:
@@ -74,6 +75,10 @@ def env_seconds(name: str) -> Optional[float]:
         raise ConfigError(f"{name}: expected a number of seconds, got {raw!r}") from None
 
 
+def _or(value: Optional[float], default: float) -> float:
+    return default if value is None else value
+
+
 @dataclass
 class Settings:
     redis_url: Optional[str] = None  # None: the embedded Redis under data_dir
@@ -89,6 +94,13 @@ class Settings:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     read: str = "fold"  # how reads reach the log's tip: fold | wait | stale (freshness.py)
     read_timeout: float = DEFAULT_READ_TIMEOUT  # seconds a read may wait on a stalled fold
+    # Redis Cluster: how long a call keeps retrying through a failover or a slot move
+    # (connection lost, CLUSTERDOWN, TRYAGAIN) before the error reaches the caller.
+    retry_deadline: float = 10.0
+    # Durable publish: each append waits (WAIT, on the connection that sent it) until this
+    # many replicas have it, else the call fails naming the setting (0: do not wait).
+    durable_replicas: int = 0
+    durable_timeout: float = 1.0  # seconds WAIT may take
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -104,7 +116,10 @@ class Settings:
                 connect_timeout=(DEFAULT_CONNECT_TIMEOUT if connect_timeout is None
                                  else connect_timeout),
                 read=os.environ.get("TRACKER_READ") or "fold",
-                read_timeout=(DEFAULT_READ_TIMEOUT if read_timeout is None else read_timeout))
+                read_timeout=(DEFAULT_READ_TIMEOUT if read_timeout is None else read_timeout),
+                retry_deadline=_or(env_seconds("TRACKER_RETRY_DEADLINE"), 10.0),
+                durable_replicas=env_int("TRACKER_DURABLE_REPLICAS") or 0,
+                durable_timeout=_or(env_seconds("TRACKER_DURABLE_TIMEOUT"), 1.0))
         if os.environ.get("TRACKER_DATA_DIR"):
             s.data_dir = Path(os.environ["TRACKER_DATA_DIR"])
         for k, v in overrides.items():
@@ -130,9 +145,16 @@ class Settings:
             raise ConfigError(f"read: expected one of {', '.join(READ_MODES)}, got {self.read!r}")
         if not 0 < self.read_timeout <= 3600:
             raise ConfigError(f"read-timeout: expected 0..3600 seconds, got {self.read_timeout}")
-        if self.redis_url is not None and not re.match(r"(rediss?|unix)://", self.redis_url):
-            raise ConfigError(f"redis-url: expected redis://, rediss:// or unix://, "
-                              f"got {redact(self.redis_url)!r}")
+        if not 0 < self.retry_deadline <= 3600:
+            raise ConfigError(f"retry-deadline: expected 0..3600 seconds, got {self.retry_deadline}")
+        if not 0 <= self.durable_replicas <= 100:
+            raise ConfigError(f"durable-replicas (TRACKER_DURABLE_REPLICAS): expected 0..100, "
+                              f"got {self.durable_replicas}")
+        if not 0 < self.durable_timeout <= 3600:
+            raise ConfigError(f"durable-timeout: expected 0..3600 seconds, got {self.durable_timeout}")
+        if self.redis_url is not None and not URL_RE.match(self.redis_url):
+            raise ConfigError(f"redis-url: expected redis://, rediss://, redis+cluster://, "
+                              f"rediss+cluster:// or unix://, got {redact(self.redis_url)!r}")
 
     def where(self) -> str:
         return redact(self.redis_url) if self.redis_url else f"embedded Redis in {self.data_dir}"
