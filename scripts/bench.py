@@ -51,6 +51,7 @@ import importlib
 import json
 import os
 import random
+import statistics
 import sys
 import time
 import traceback
@@ -233,7 +234,7 @@ def lagged_read_row(tr: Tracker, pub: Publisher, target: str, mates: list, n: in
             lagged.append((clock() - t0) / 1000)
             if got.get("desc") != f"lag {n}":
                 raise RuntimeError(f"a read after {n} events missed the last: {got}")
-        return {"p50": B.pct(fresh, 50)}, {"p50": B.pct(lagged, 50)}
+        return {"p50": statistics.median(fresh)}, {"p50": statistics.median(lagged)}
 
     r = B.Rounds().paired(rounds, both)
     return B.row(f"read_after_{n}_unfolded_us", "us", r.s("p50"), r.b("p50"),
@@ -309,6 +310,7 @@ def main(argv=None) -> int:
     try:
         c = redis.Redis.from_url(url)
         mach = B.machine(c)
+        mach["redis"] = f"private {server.binary}" if server else "--redis-url"
         log(f"Redis {mach['redis_version']} ({mach['mem_allocator']}; "
             f"{f'private {server.binary}' if server else 'the Redis of --redis-url'}); "
             f"{mach['cpus']} CPUs, load average {mach['load_average']}, {mach['python']}, "
