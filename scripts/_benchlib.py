@@ -1,53 +1,74 @@
-"""Shared helpers of the benchmark scripts: a private Redis, the job mix, timing.
+"""Shared helpers of the benchmark scripts: servers, the job mix, the naive tracker,
+interleaved rounds and the row format of issue 15.
 
-Every figure the benchmarks print is paired with a raw-Redis baseline measured
-in the same run, because the dev machine is shared and absolute numbers drift.
-Keys live under a fresh prefix per run and are deleted at the end, so the
-scripts are safe to point at a shared Redis (a private one is the default).
+Why interleaved rounds: the dev machine has 2 cores shared with other work, so a
+baseline measured once, a minute away from its subject, can be 4x off. Every ratio
+here is the median of per-round ratios, each round running the baseline and then the
+subject back to back, so a burst of load elsewhere hits both alike; the spread
+(min..max of the per-round ratios) says how much the machine moved meanwhile. Where
+the work comes in small pieces (one call, one batch), a round alternates baseline and
+subject piece by piece (``paired_us``, ``paired_rate``), finer still.
+
+Everything is measured through the public API (Publisher, Projector, Tracker, replay)
+plus INFO and MEMORY, never by reading tracker's keys, so the storage layout may
+change under the bench. Keys live under fresh prefixes, deleted afterwards.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import platform
 import random
+import re
 import shutil
 import socket
+import statistics
 import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Optional
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
 
 import redis
 
 from tracker import events
-from tracker.store import keys
 from tracker.store.deployment import Deployment
 from tracker.store.embedded import server_binary
 from tracker.store.settings import Settings
+
+
+class Skip(Exception):
+    """A scenario's prerequisite is absent (a binary, a service): its rows are skipped."""
+
 
 # ------------------------------------------------------------------ private Redis
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A random free port in 20000-40000 (the range COMMON.md gives helpers)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(20000, 40000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-40000")
 
 
 class PrivateRedis:
     """A throw-away redis-server on a free port, no persistence; ``stop()`` kills it."""
 
-    def __init__(self):
-        binary = shutil.which("redis-server")
-        if not binary:
-            binary = server_binary()
-        self.binary = binary
+    def __init__(self, binary: Optional[str] = None):
+        self.binary = binary or shutil.which("redis-server") or server_binary()
         self.dir = tempfile.mkdtemp(prefix="tracker-bench-")
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.dir, "--daemonize", "no",
              "--logfile", os.path.join(self.dir, "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -59,7 +80,7 @@ class PrivateRedis:
                 break
             except redis.ConnectionError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"could not start {binary} on port {self.port}")
+                    raise RuntimeError(f"could not start {self.binary} on port {self.port}")
                 time.sleep(0.05)
 
     def stop(self) -> None:
@@ -79,33 +100,84 @@ def new_prefix(kind: str = "bench") -> str:
     return f"{kind}-{uuid.uuid4().hex[:10]}"
 
 
-def open_deployment(url: str, prefix: str, partitions: Optional[int] = None) -> Deployment:
-    return Deployment.open(Settings(redis_url=url, prefix=prefix, partitions=partitions))
+def open_deployment(url: str, prefix: str, partitions: Optional[int] = None,
+                    **settings: Any) -> Deployment:
+    return Deployment.open(Settings(redis_url=url, prefix=prefix, partitions=partitions,
+                                    **settings))
 
 
 def cleanup(client: redis.Redis, prefix: str) -> int:
-    """Delete every key of the prefix (partition keys and the config hash)."""
+    """Delete every key under ``prefix`` (tracker's partition keys ``{prefix:...``, its
+    config hash, or the bench's own raw keys), then wait until Redis has freed them."""
     n = 0
     for pattern in (f"{{{prefix}:*", f"{prefix}:*"):
         batch = list(client.scan_iter(match=pattern, count=5000))
         for i in range(0, len(batch), 1000):
             n += client.unlink(*batch[i:i + 1000])
+    settle(client)
     return n
 
 
-def reset_projection(d: Deployment) -> None:
-    """Forget everything folded (snapshots, any index, groups, stats) but keep the log."""
-    c = d.client
-    for part in range(d.partitions):
-        log = keys.stream(d.prefix, part).encode()
-        batch = [k for k in c.scan_iter(match=keys.tag(d.prefix, part) + ":*", count=5000)
-                 if k != log]
-        for i in range(0, len(batch), 1000):
-            c.unlink(*batch[i:i + 1000])
-        try:
-            c.xgroup_destroy(keys.stream(d.prefix, part), keys.GROUP)
-        except redis.ResponseError:
-            pass
+def settle(client: redis.Redis, timeout: float = 5.0) -> None:
+    """Wait for background frees (UNLINK of big keys) and the keyspace tables to shrink
+    back (serverCron resizes them), so the next used_memory delta starts from rest."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        info = client.info("memory")
+        over = table_overhead(client)
+        if int(info.get("lazyfree_pending_objects", 0)) == 0 and over == last:
+            return
+        last = over
+        time.sleep(0.15)
+
+
+def table_overhead(client: redis.Redis) -> int:
+    """Bytes of the selected DB's key and expiry hash tables (MEMORY STATS)."""
+    db = client.connection_pool.connection_kwargs.get("db", 0)
+    st = client.memory_stats()
+    d = st.get(f"db.{db}") or {}
+    return int(d.get("overhead.hashtable.main", 0)) + int(d.get("overhead.hashtable.expires", 0))
+
+
+def used_memory(client: redis.Redis) -> int:
+    return int(client.info("memory")["used_memory"])
+
+
+def memory_usage(client: redis.Redis, match: str, skip: Callable[[bytes], bool] = lambda k: False,
+                 ) -> dict[str, int]:
+    """MEMORY USAGE (every element counted) of each key matching ``match``, summed by key
+    family: the name's part between the hash tag's ``}:`` and the next ``:`` (``t``,
+    ``h``, ``s``... whatever the layout of the day calls them), so the bench needs to
+    know no key names and the lead can still see where the bytes are."""
+    out: dict[str, int] = {}
+    batch: list[bytes] = []
+
+    def flush() -> None:
+        pipe = client.pipeline(transaction=False)
+        for k in batch:
+            pipe.memory_usage(k, samples=0)
+        for k, n in zip(batch, pipe.execute()):
+            fam = family(k)
+            out[fam] = out.get(fam, 0) + int(n or 0)
+        batch.clear()
+
+    for k in client.scan_iter(match=match, count=5000):
+        if not skip(k):
+            batch.append(k)
+            if len(batch) >= 1000:
+                flush()
+    if batch:
+        flush()
+    return out
+
+
+def family(key: bytes) -> str:
+    k = key.decode("utf-8", "replace")
+    if "}:" in k:
+        k = k.split("}:", 1)[1]
+        return k.split(":", 1)[0] or "?"
+    return "(no tag)"
 
 
 # --------------------------------------------------------------------- job mix
@@ -139,11 +211,9 @@ def job_events(jid: str, rng: random.Random, now_ms: int) -> list:
 
 
 def job_mix(n_events: int, seed: int = 1, tag: str = "j") -> tuple[list, int]:
-    """At least ``n_events`` events of interleaved jobs (a few jobs in flight at a time).
-
-    Returns (events, jobs). Jobs overlap like a busy job server's: 64 in flight,
-    each advancing one event at a time in random order.
-    """
+    """At least ``n_events`` events of interleaved jobs (64 in flight, each advancing one
+    event at a time in random order, like a busy job server's). Returns (events, jobs);
+    about 6.4 events per job, 95% of jobs tracked."""
     rng = random.Random(seed)
     now = int(time.time() * 1000)
     pending: list[list] = []
@@ -162,8 +232,39 @@ def job_mix(n_events: int, seed: int = 1, tag: str = "j") -> tuple[list, int]:
     return out, jobs
 
 
+def tracked(mix: list) -> list[str]:
+    return sorted({e.jid for e in mix if type(e) is events.Enqueued and e.track})
+
+
+def payload_bytes(mix: list) -> float:
+    """Mean bytes of field names plus values per logged entry (what XADD carries)."""
+    return sum(len(k) + len(str(v)) for e in mix for k, v in
+               events.encode_entry(e).items()) / len(mix)
+
+
+def chunks(seq: list, n: int) -> Iterator[list]:
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
+
+
+# ------------------------------------------------------------- the naive tracker
+
+NAIVE_BATCH = 1000  # events per pipeline
+NAIVE_TTL_MS = 1_800_000  # 30 minutes, the contract's TTL
+NAIVE = {
+    "what": "a direct-write tracker: no log, the job server's client writes the track",
+    "per_event": "one HSET of the event's track fields (long names: state, percent, desc, "
+                 "updated_at, reserved_until; times epoch ms) + one PEXPIREAT "
+                 "(the batch's clock + 30 min) on the job's hash; untracked jobs' events "
+                 "write nothing",
+    "key": "'<7-character namespace>:<jid>', one hash per job",
+    "batch": f"redis-py pipeline(transaction=False) of {NAIVE_BATCH} events "
+             f"({2 * NAIVE_BATCH} commands), one client, one connection",
+}
+
+
 def naive_fields(ev, now_ms: int) -> Optional[dict]:
-    """What a direct-write (non event-sourced) tracker stores for one event."""
+    """What the naive tracker stores for one event (None: nothing)."""
     t = type(ev)
     if t is events.Enqueued:
         return {"state": "enqueued", "updated_at": now_ms} if ev.track else None
@@ -171,7 +272,7 @@ def naive_fields(ev, now_ms: int) -> Optional[dict]:
         return {"state": "working", "updated_at": now_ms,
                 "reserved_until": now_ms + events.clamp_reserve(ev.reserve_for) * 1000}
     if t is events.TrackSet:
-        f = {"updated_at": now_ms}
+        f: dict = {"updated_at": now_ms}
         if ev.percent is not None:
             f["percent"] = ev.percent
         if ev.desc is not None:
@@ -180,7 +281,34 @@ def naive_fields(ev, now_ms: int) -> Optional[dict]:
     return {"state": t.__name__.lower(), "updated_at": now_ms}
 
 
-# ------------------------------------------------------------------- statistics
+def naive_namespace() -> str:
+    return "n" + uuid.uuid4().hex[:6]  # 7 characters, as long as the default prefix
+
+
+def naive_key(ns: str, jid: str) -> str:
+    return f"{ns}:{jid}"
+
+
+def naive_write(client: redis.Redis, ns: str, mix: list, jids: Optional[set] = None) -> float:
+    """Run the naive tracker (NAIVE) over ``mix``; returns the seconds it took."""
+    keep = set(tracked(mix)) if jids is None else jids
+    t0 = time.perf_counter()
+    for chunk in chunks(mix, NAIVE_BATCH):
+        pipe = client.pipeline(transaction=False)
+        now = int(time.time() * 1000)
+        for ev in chunk:
+            if ev.jid not in keep:
+                continue  # the job server knows custom.track: nothing to write
+            f = naive_fields(ev, now)
+            if f:
+                key = naive_key(ns, ev.jid)
+                pipe.hset(key, mapping=f)
+                pipe.pexpireat(key, now + NAIVE_TTL_MS)
+        pipe.execute()
+    return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------- rounds and rows
 
 
 def pct(values: list, q: float) -> float:
@@ -190,19 +318,176 @@ def pct(values: list, q: float) -> float:
     return v[min(len(v) - 1, max(0, int(round(q / 100 * (len(v) - 1)))))]
 
 
-def chunks(seq: list, n: int) -> Iterator[list]:
-    for i in range(0, len(seq), n):
-        yield seq[i:i + n]
+def paired_us(baseline: Callable[[int], Any], subject: Callable[[int], Any], n: int,
+              start: int = 0) -> tuple[list[float], list[float]]:
+    """Latencies (us) of ``n`` baseline and ``n`` subject calls, alternating call by call,
+    so that within a round both meet the same moments of the machine's load."""
+    base, subj = [], []
+    clock = time.perf_counter_ns
+    for i in range(start, start + n):
+        t0 = clock()
+        baseline(i)
+        t1 = clock()
+        subject(i)
+        t2 = clock()
+        base.append((t1 - t0) / 1000)
+        subj.append((t2 - t1) / 1000)
+    return base, subj
+
+
+def paired_rate(baseline: Callable[[int], Any], subject: Callable[[int], Any], batches: int,
+                items: int) -> tuple[float, float]:
+    """Items/s of baseline and subject over the same ``batches`` (each callable takes the
+    batch's index), alternating batch by batch; ``items`` in all the batches."""
+    tb = ts = 0.0
+    clock = time.perf_counter
+    for j in range(batches):
+        t0 = clock()
+        baseline(j)
+        t1 = clock()
+        subject(j)
+        t2 = clock()
+        tb += t1 - t0
+        ts += t2 - t1
+    return items / tb, items / ts
+
+
+class Rounds:
+    """Per-round figures of a baseline and its subject, run back to back each round
+    (``run``), or interleaved more finely within the round by one callable (``paired``)."""
+
+    def __init__(self) -> None:
+        self.base: list[dict] = []
+        self.subj: list[dict] = []
+
+    def paired(self, n: int, both: Callable[[int], tuple[dict, dict]]) -> Rounds:
+        for i in range(n):
+            b, s = both(i)
+            self.base.append(b)
+            self.subj.append(s)
+        return self
+
+    def run(self, n: int, baseline: Callable[[int], dict], subject: Callable[[int], dict]
+            ) -> Rounds:
+        for i in range(n):
+            self.base.append(baseline(i))
+            self.subj.append(subject(i))
+        return self
+
+    def b(self, key: str) -> list:
+        return [r[key] for r in self.base]
+
+    def s(self, key: str) -> list:
+        return [r[key] for r in self.subj]
+
+
+_TARGET = re.compile(r"^(<=|>=)\s*([\d.,]+)\s*(x|\S+)?$")
+
+
+def passes(target: Optional[str], figure: Optional[float], ratio: Optional[float]
+           ) -> Optional[bool]:
+    """Judge ``target`` ('>= 2x' on the ratio; '<= 60 B', '<= 10 ms' on the figure)."""
+    m = _TARGET.match(target or "")
+    if not m:
+        return None
+    value = ratio if m.group(3) == "x" else figure
+    if value is None or value != value:
+        return None
+    bound = float(m.group(2).replace(",", ""))
+    return value <= bound if m.group(1) == "<=" else value >= bound
+
+
+def row(metric: str, unit: str, subject: list, baseline: Optional[list] = None,
+        baseline_name: Optional[str] = None, target: Optional[str] = None,
+        note: Optional[str] = None, detail: Optional[dict] = None) -> dict:
+    """One row of issue 15's format from per-round figures.
+
+    figure and baseline are the medians of the per-round figures; ratio is the median of
+    the per-round ratios subject/baseline; rounds lists those ratios (or, for a row
+    without a baseline, the per-round figures); met judges the medians; rounds_met counts
+    the rounds that alone would have met the target (the verdict's robustness).
+    """
+    subject = [float(x) for x in subject]
+    fig = statistics.median(subject) if subject else None
+    base = ratio = None
+    per = subject
+    if baseline:
+        baseline = [float(x) for x in baseline]
+        base = statistics.median(baseline)
+        per = [s / b if b else float("nan") for s, b in zip(subject, baseline)]
+        ratio = statistics.median(per)
+    r = {"metric": metric, "figure": fig, "unit": unit, "baseline_name": baseline_name,
+         "baseline": base, "ratio": ratio, "target": target, "met": passes(target, fig, ratio),
+         "rounds": [round(x, 4) for x in per],
+         "spread": [round(min(per), 4), round(max(per), 4)] if per else None}
+    if target:
+        each = [passes(target, s, (s / b if b else None) if baseline else None)
+                for s, b in zip(subject, baseline or subject)]
+        r["rounds_met"] = f"{sum(1 for x in each if x)}/{len(each)}"
+    if note:
+        r["note"] = note
+    if detail is not None:
+        r["detail"] = detail
+    return r
+
+
+def skipped(metric: str, why: str, target: Optional[str] = None) -> dict:
+    return {"metric": metric, "figure": None, "unit": "", "baseline_name": None,
+            "baseline": None, "ratio": None, "target": target, "met": None, "rounds": [],
+            "note": "skipped: " + why}
+
+
+# ----------------------------------------------------------------- the machine
+
+
+def machine(client: redis.Redis) -> dict:
+    info = client.info()
+    parser = "hiredis" if importlib.util.find_spec("hiredis") else "python"
+    return {"cpus": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
+            "python": f"{platform.python_implementation()} {platform.python_version()}",
+            "platform": platform.platform(), "redis_version": info.get("redis_version"),
+            "redis_mode": info.get("redis_mode"), "valkey_version": info.get("valkey_version"),
+            "mem_allocator": info.get("mem_allocator"), "redis_py": redis.__version__,
+            "redis_py_parser": parser}
+
+
+def cpu_seconds(pid: int) -> Optional[float]:
+    """utime + stime of a process from /proc (Linux), None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def machine_ticks() -> Optional[tuple[int, int]]:
+    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat (Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v) - v[3] - v[4], sum(v)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def busy_share(before: Optional[tuple[int, int]], after: Optional[tuple[int, int]]
+               ) -> Optional[float]:
+    """How busy the whole machine was between two machine_ticks() (1.0: every core)."""
+    if not before or not after or after[1] == before[1]:
+        return None
+    return round((after[0] - before[0]) / (after[1] - before[1]), 2)
+
+
+def redis_cpu(client: redis.Redis) -> float:
+    c = client.info("cpu")
+    return float(c["used_cpu_user"]) + float(c["used_cpu_sys"])
 
 
 def commandstats(client: redis.Redis) -> dict:
-    """INFO commandstats as {command: {calls, usec, usec_per_call}}."""
-    out = {}
-    for k, v in client.info("commandstats").items():
-        if k.startswith("cmdstat_"):
-            out[k[8:]] = {"calls": int(v["calls"]), "usec": int(v["usec"]),
-                          "usec_per_call": float(v["usec_per_call"])}
-    return out
+    """INFO commandstats as {command: {calls, usec}}."""
+    return {k[8:]: {"calls": int(v["calls"]), "usec": int(v["usec"])}
+            for k, v in client.info("commandstats").items() if k.startswith("cmdstat_")}
 
 
 def stats_delta(before: dict, after: dict) -> dict:

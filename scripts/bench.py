@@ -1,713 +1,362 @@
-"""Benchmarks against raw Redis, in one run (issue 5).
+"""Benchmarks against raw Redis and the naive tracker, as same-run interleaved ratios (issue 15).
 
-    python scripts/bench.py [--redis-url URL] [--quick] [--json PATH]
-    python scripts/bench.py --cluster [--quick] [--json PATH]   (scripts/bench_cluster.py)
+    python scripts/bench.py [--quick] [--rounds N] [--json PATH] [--redis-url URL]
+                            [--only GROUP ...] [--faktory-bin PATH] [--cluster URL]
 
-Every figure is paired with a raw-Redis baseline measured in the same run and
-the ratio between them, because the dev machine is shared and noisy. Without
---redis-url a private redis-server (no persistence) is started on a free port
-and stopped at the end; with one, all keys live under a fresh prefix and are
-deleted after. --quick finishes in under a minute; the full run in a few.
+Every ratio comes from N >= 5 interleaved rounds (baseline, subject, baseline,
+subject, ...): the row shows the median of the per-round ratios and their spread
+(min..max), and how many rounds alone met the target, so one run on the shared
+2-core machine gives the same verdict as the next. --quick (about 1-2 minutes) runs
+smaller samples with the same rows and targets as the full run. Without --redis-url a
+private redis-server (no persistence) runs on a free port and stops at the end; with
+one, every key lives under fresh prefixes and is deleted after.
+
+Metric names (stable; --json PATH writes them as "rows", plus raw "figures", the
+"machine" and the naive tracker's definition):
+
+  publish_one_p50_us        Publisher.working(), one call, p50  vs an XADD round trip   <= 1.2x
+  publish_one_p99_us        the same, p99                       vs XADD round trip p99
+  bulk_publish_events_per_s publish_many, batches of 1000       vs pipelined XADD       >= 1x
+  projector_jobs_per_s      Projector.drain(), one process      vs the naive tracker     >= 2x
+  memory_per_tracked_job    used_memory per tracked job         vs the naive tracker     <= 0.5x
+  memory_usage_per_tracked_job  MEMORY USAGE of all its keys    vs the naive hash
+  memory_per_logged_event   used_memory per logged event        vs payload bytes         <= 60 B
+  lag_p99_ms, lag_p50_ms    at 10k events/s, `tracker project` as its own process
+                                                      vs raw XADD -> XREAD delivery    <= 10 ms
+  tracker_get_p50_us        Tracker.get, p50                    vs an HGETALL round trip <= 1.1x
+  tracker_get_p99_us        the same, p99                       vs HGETALL p99
+  get_many_jids_per_s       get_many, batches of 100            vs pipelined HGETALL     >= 1x
+  read_after_<N>_unfolded_us  Tracker.get right after N unfolded events in its partition,
+                            no projector running (N = 1, 100, 10000) vs Tracker.get, no lag
+  replay_events_per_s       tracker.replay.rebuild              vs pipelined XADD        >= 2x
+  history_p50_ms            Tracker.history among many events   vs HGETALL round trip    <= 5 ms
+  list_working_p50_ms       Tracker.list_tracks("working"), many tracks vs 50 pipelined HGETALL
+  state_index_bytes_per_track  MEMORY USAGE of the state index per listed track
+  serve_track_get_per_s_50conn TRACK GET over `tracker serve`   vs redis-benchmark -t get -c 50  >= 0.6x
+  loadgen_redis_get_per_s_50conn  the bench's load generator on Redis GET vs redis-benchmark
+  serve_track_get_p50_ms_1conn    one connection, p50           vs the same generator on Redis GET
+
+The naive tracker (the yardstick of projector_jobs_per_s and memory_per_tracked_job) is
+defined once, in scripts/_benchlib.py (NAIVE): per event one HSET of the track's fields
+plus one PEXPIREAT, pipelined in batches of 1000 events, direct from one redis-py client,
+no log. Optional scenario modules (scripts/bench_integrations.py, bench_proxy.py,
+bench_web.py, bench_cluster.py) are run when present: each exposes ``rows(quick, **ctx)``
+with ctx = rounds, redis_url, faktory_bin, cluster, log.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
-import multiprocessing
 import os
-import platform
-import queue
 import random
+import statistics
 import sys
-import threading
 import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _benchlib as B  # noqa: E402
-import bench_project as BP  # noqa: E402
-import bench_proxy  # noqa: E402
+import bench_project  # noqa: E402
+import bench_replay  # noqa: E402
+import bench_serve  # noqa: E402
 import redis  # noqa: E402
 
 from tracker import events  # noqa: E402
+from tracker.errors import TrackerError  # noqa: E402
 from tracker.projector import Projector  # noqa: E402
 from tracker.publisher import Publisher  # noqa: E402
 from tracker.query import Tracker  # noqa: E402
-from tracker.replay import rebuild  # noqa: E402
 from tracker.store import keys  # noqa: E402
 
-QUICK = dict(rtt=2000, bulk=20_000, project=20_000, lag_secs=2.5, gets=2000, many=100,
-             mem_jobs=10_000)
-FULL = dict(rtt=10_000, bulk=100_000, project=100_000, lag_secs=8.0, gets=10_000, many=500,
-            mem_jobs=100_000)
+SIZES = {True: {"one": 300, "bulk": 20_000, "query_events": 20_000, "gets": 300, "many": 30,
+                "lag_samples": {1: 20, 100: 10, 10_000: 1}},
+         False: {"one": 2000, "bulk": 100_000, "query_events": 60_000, "gets": 2000, "many": 200,
+                 "lag_samples": {1: 60, 100: 20, 10_000: 2}}}
+OPTIONAL = ("integrations", "proxy", "web", "cluster")
 
 
 def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-class Report:
-    """Rows of (metric, figure, baseline, ratio, target, pass) plus every raw figure."""
-
-    def __init__(self):
-        self.rows: list[dict] = []
-        self.figures: dict = {}
-
-    def row(self, metric, value, unit, base_name=None, base=None, target=None, ok=None,
-            ratio=None):
-        if ratio is None and base:
-            ratio = value / base
-        r = {"metric": metric, "value": value, "unit": unit, "baseline": base_name,
-             "baseline_value": base, "ratio": ratio, "target": target, "pass": ok}
-        self.rows.append(r)
-        return r
-
-    def table(self) -> str:
-        def num(v):
-            if v is None:
-                return "-"
-            if isinstance(v, str):
-                return v
-            return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
-
-        head = ("metric", "figure", "raw baseline", "ratio", "target", "result")
-        lines = []
-        for r in self.rows:
-            fig = f"{num(r['value'])} {r['unit']}"
-            base = "-" if r["baseline"] is None else f"{num(r['baseline_value'])} ({r['baseline']})"
-            ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-            res = {True: "pass", False: "MISS", None: "-"}[r["pass"]]
-            lines.append((r["metric"], fig, base, ratio, r["target"] or "-", res))
-        w = [max(len(x[i]) for x in lines + [head]) for i in range(6)]
-        fmt = " | ".join(f"{{:{n}}}" for n in w)
-        out = [fmt.format(*head), "-+-".join("-" * n for n in w)]
-        out += [fmt.format(*x) for x in lines]
-        return "\n".join(out)
-
-
-def us(ns: int) -> float:
-    return ns / 1000
-
-
-def latencies(fn, n: int) -> list:
-    out = []
-    clock = time.perf_counter_ns
-    for i in range(n):
-        t0 = clock()
-        fn(i)
-        out.append(us(clock() - t0))
-    return out
-
-
-def p50_p99(xs: list) -> dict:
-    return {"p50": B.pct(xs, 50), "p99": B.pct(xs, 99), "n": len(xs)}
-
-
-# ------------------------------------------------------------------ raw baselines
-
-
-def bench_raw(url: str, base: str, cfg: dict) -> dict:
-    c = redis.Redis.from_url(url)
-    fig: dict = {}
-    stream = f"{base}:raw:s"
-    # One XADD round trip, with a typical entry (the fields `working` publishes).
-    fig["xadd_rtt_us"] = p50_p99(latencies(
-        lambda i: c.xadd(stream, {"t": "working", "j": f"r{i}", "r": 600}), cfg["rtt"]))
-    c.hset(f"{base}:raw:h", mapping={"s": "working", "p": 50, "d": "step 2 of 3",
-                                     "u": 1, "r": 2, "x": 3})
-    fig["hgetall_rtt_us"] = p50_p99(latencies(lambda i: c.hgetall(f"{base}:raw:h"), cfg["rtt"]))
-    B.cleanup(c, base)
-    c.close()
-    log(f"raw: XADD rtt p50 {fig['xadd_rtt_us']['p50']:.0f} us, HGETALL rtt p50 "
-        f"{fig['hgetall_rtt_us']['p50']:.0f} us")
-    return fig
-
-
-def bench_naive(url: str, base: str, mix: list, jobs: int) -> dict:
-    """A direct-write tracker: per event, pipelined HSET of the track fields + PEXPIREAT."""
-    c = redis.Redis.from_url(url)
-    tracked = {e.jid for e in mix if type(e) is events.Enqueued and e.track}
-    now = int(time.time() * 1000)
-    ttl = 1800_000
-    t0 = time.perf_counter()
-    for chunk in B.chunks(mix, 1000):
-        pipe = c.pipeline(transaction=False)
-        now = int(time.time() * 1000)
-        for ev in chunk:
-            if ev.jid not in tracked:
-                continue  # the job server knows custom.track: nothing to write
-            f = B.naive_fields(ev, now)
-            key = f"{base}:naive:{ev.jid}"
-            pipe.hset(key, mapping=f)
-            pipe.pexpireat(key, now + ttl)
-        pipe.execute()
-    secs = time.perf_counter() - t0
-    B.cleanup(c, base)
-    c.close()
-    out = {"jobs": jobs, "events": len(mix), "seconds": secs, "jobs_per_s": jobs / secs,
-           "events_per_s": len(mix) / secs}
-    log(f"naive direct-write tracker: {out['jobs_per_s']:,.0f} jobs/s "
-        f"({out['events_per_s']:,.0f} events/s)")
-    return out
+    print(msg, file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------ publish
 
 
-def bench_publish(url: str, cfg: dict, mix: list, base: str, rounds: int = 3) -> dict:
-    """One-at-a-time latency, then bulk publish and raw pipelined XADD in alternating
-    rounds (best of each), so a burst of load elsewhere hits both alike."""
+def publish_rows(quick: bool, rounds: int, redis_url: str, **_) -> list[dict]:
+    n, bulk = SIZES[quick]["one"], SIZES[quick]["bulk"]
+    c = redis.Redis.from_url(redis_url)
+    raw = B.new_prefix("benchraw")
     prefix = B.new_prefix("benchpub")
-    d = B.open_deployment(url, prefix)
-    c = redis.Redis.from_url(url)
-    # Raw: pipelined XADD, batch 1000, of exactly the entries the Publisher sends.
-    entries = [(f"{{{base}:raw:{keys.partition_of(e.jid, 8)}}}:log", events.encode_entry(e))
-               for e in mix]
-    raw, bulk = [], []
+    d = B.open_deployment(redis_url, prefix)
+    pub = Publisher(d)
+    one_fields = events.encode_entry(events.make_working("w0000000", 600))
+    mix, _ = B.job_mix(bulk, seed=2, tag="b")
+    parts = d.partitions
+    entries = [(f"{raw}:{keys.partition_of(e.jid, parts)}", events.encode_entry(e)) for e in mix]
     try:
-        pub = Publisher(d)
-        one = p50_p99(latencies(lambda i: pub.working(f"w{i}", 600), cfg["rtt"]))
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            for chunk in B.chunks(entries, 1000):
-                pipe = c.pipeline(transaction=False)
-                for s, f in chunk:
-                    pipe.xadd(s, f)
-                pipe.execute()
-            raw.append(len(entries) / (time.perf_counter() - t0))
-            B.cleanup(c, base)
-            t0 = time.perf_counter()
-            for chunk in B.chunks(mix, 1000):
-                pub.publish_many(chunk)
-            bulk.append(len(mix) / (time.perf_counter() - t0))
-            B.cleanup(d.client, prefix)
-            d = B.open_deployment(url, prefix)
-            pub = Publisher(d)
+        def one_round(i: int) -> tuple[dict, dict]:
+            b, s = B.paired_us(lambda k: c.xadd(f"{raw}:one", one_fields),
+                               lambda k: pub.working(f"w{k:07d}", 600), n, i * n)
+            return ({"p50": B.pct(b, 50), "p99": B.pct(b, 99)},
+                    {"p50": B.pct(s, 50), "p99": B.pct(s, 99)})
+
+        one = B.Rounds().paired(rounds, one_round)
+        B.cleanup(c, raw)
+        B.cleanup(c, prefix)
+        ebatches = list(B.chunks(entries, 1000))
+        mbatches = list(B.chunks(mix, 1000))
+
+        def xadd_batch(j: int) -> None:
+            pipe = c.pipeline(transaction=False)
+            for s, f in ebatches[j]:
+                pipe.xadd(s, f)
+            pipe.execute()
+
+        def bulk_round(i: int) -> tuple[dict, dict]:
+            b, s = B.paired_rate(xadd_batch, lambda j: pub.publish_many(mbatches[j]),
+                                 len(mbatches), len(mix))
+            B.cleanup(c, raw)
+            for part in range(parts):  # empty the logs, keep the deployment
+                c.delete(keys.stream(prefix, part))
+            B.settle(c)
+            return {"per_s": b}, {"per_s": s}
+
+        bulkr = B.Rounds().paired(rounds, bulk_round)
     finally:
-        B.cleanup(d.client, prefix)
-        B.cleanup(c, base)
+        B.cleanup(c, raw)
+        B.cleanup(c, prefix)
         d.close()
         c.close()
-    out = {"one_us": one, "bulk_per_s": max(bulk), "bulk_rounds": bulk,
-           "xadd_pipelined_per_s": max(raw), "xadd_pipelined_rounds": raw}
-    log(f"publish: one p50 {one['p50']:.0f} us p99 {one['p99']:.0f} us; bulk "
-        f"{out['bulk_per_s']:,.0f}/s vs raw pipelined XADD {out['xadd_pipelined_per_s']:,.0f}/s "
-        f"(best of {rounds} alternating rounds)")
-    return out
-
-
-# -------------------------------------------------------------------- end-to-end lag
-
-PROBES = 16  # probe jobs, spread over the partitions
-PROBE_EVERY = 0.005  # seconds between probes
-
-
-def _projector_child(url: str, prefix: str, stop_evt) -> None:
-    d = B.open_deployment(url, prefix)
-    proj = Projector(d, consumer="bench-lag")
-    threading.Thread(target=lambda: (stop_evt.wait(), proj.stop()), daemon=True).start()
-    proj.run(report_every=0.5)
-
-
-def folded(d) -> int:
-    """Entries the projector has taken off the log (its stats hashes)."""
-    pipe = d.client.pipeline(transaction=False)
-    for part in range(d.partitions):
-        pipe.hmget(keys.stats(d.prefix, part), "applied", "dead_lettered")
-    return sum(int(x or 0) for row in pipe.execute() for x in row)
-
-
-def lag_run(url: str, rate, secs: float, tag: str, where: str = "thread") -> dict:
-    """Offer ``rate`` events/s (None: as fast as one thread can) with a live Projector.
-
-    The publisher thread mixes, every 5 ms, a TRACK SET on a probe job into the
-    stream; the poller reads that job's snapshot hash (HGET d, the field
-    ``Tracker.get`` answers desc from) until it shows that probe (or a later
-    one) and records the time since the publish returned.
-    """
-    prefix = B.new_prefix("benchlag")
-    d = B.open_deployment(url, prefix)
-    tracker = Tracker(B.open_deployment(url, prefix))
-    pub = Publisher(d)
-    probes = [f"probe{tag}-{i}" for i in range(PROBES)]
-    for jid in probes:
-        pub.enqueued(jid, {"track": 1})
-        pub.working(jid, 3600)
-    mix, _ = B.job_mix(int((rate or 40_000) * secs * 1.2) + 1000, seed=hash(tag) & 0xffff,
-                       tag=f"l{tag}-")
-    if where == "thread":
-        proj = Projector(d, consumer="bench-lag")
-        pthread = threading.Thread(target=proj.run, kwargs={"report_every": 0.5}, daemon=True)
-        pthread.start()
-        stop_projector = proj.stop
-    else:  # a separate process, as `tracker project` runs in production
-        ctx = multiprocessing.get_context("fork")
-        evt = ctx.Event()
-        pthread = ctx.Process(target=_projector_child, args=(url, prefix, evt), daemon=True)
-        pthread.start()
-        stop_projector = evt.set
-    # Wait until the probes' snapshots exist (the projector is up).
-    deadline = time.monotonic() + 10
-    while tracker.get(probes[-1])["state"] != "working" and time.monotonic() < deadline:
-        time.sleep(0.01)
-    # The poller reads the snapshot's desc with HGET (what Tracker.get reads, minus
-    # its ~100 us of Python per call, which would steal the GIL from the publisher).
-    raw = redis.Redis.from_url(url)
-    q: queue.Queue = queue.Queue()
-    lags: list = []
-    sent = [0]
-    stop = threading.Event()
-
-    def publisher():
-        start = time.perf_counter()
-        next_probe, seq, i = start, 0, 0
-        while not stop.is_set():
-            now = time.perf_counter()
-            if now - start >= secs or i >= len(mix):
-                break
-            due = len(mix) if rate is None else int((now - start) * rate)
-            n = min(due - i, max(1, rate // 200) if rate else 200)  # <= 5 ms worth per trip
-            batch = mix[i:i + n]
-            probe = None
-            if now >= next_probe:
-                seq += 1
-                probe = (probes[seq % PROBES], seq)
-                batch = batch + [events.make_trackset(probe[0], seq % 101, f"probe {seq}")]
-                next_probe += PROBE_EVERY
-            if batch:
-                pub.publish_many(batch)
-                if probe:
-                    q.put((probe[0], probe[1], time.perf_counter()))
-                i += n
-                sent[0] += len(batch)
-            else:
-                time.sleep(0.0005)
-        q.put(None)
-
-    def poller():
-        while True:
-            item = q.get()
-            if item is None:
-                return
-            jid, seq, t_pub = item
-            limit = t_pub + 5.0
-            key = keys.snapshot(prefix, d.partition(jid), jid)
-            while True:
-                desc = raw.hget(key, "d")
-                if desc and int(desc.split()[1]) >= seq:
-                    lags.append((time.perf_counter() - t_pub) * 1000)
-                    break
-                if time.perf_counter() > limit:
-                    lags.append(5000.0)
-                    break
-                time.sleep(0.0002)  # leave the GIL to the publisher between polls
-
-    stats0 = B.commandstats(d.client)
-    threads = [threading.Thread(target=publisher), threading.Thread(target=poller)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    threads[0].join()
-    pub_secs = time.perf_counter() - t0
-    threads[1].join()
-    backlog = sent[0] + 2 * PROBES - folded(d)
-    cs = B.stats_delta(stats0, B.commandstats(d.client))
-    cs = {k: v for k, v in cs.items() if k in ("evalsha", "xread", "xadd", "hget", "xreadgroup")}
-    stop_projector()
-    pthread.join(30)
-    B.cleanup(d.client, prefix)
-    tracker.close()
-    raw.close()
-    d.close()
-    out = {"projector": where, "offered_per_s": rate, "achieved_per_s": sent[0] / pub_secs, "seconds": pub_secs,
-           "probes": len(lags), "lag_ms": p50_p99(lags), "backlog_at_end": backlog,
-           "max_ms": max(lags) if lags else None, "commandstats": cs,
-           "entries_per_fold_call": (cs.get("xreadgroup", {}).get("calls") and
-                                     sent[0] / cs["xreadgroup"]["calls"])}
-    log(f"lag at {'max' if rate is None else f'{rate:,}/s'} (projector in a {where}): achieved "
-        f"{out['achieved_per_s']:,.0f}/s, p50 {out['lag_ms']['p50']:.2f} ms, p99 "
-        f"{out['lag_ms']['p99']:.2f} ms over {len(lags)} probes, backlog {backlog}; EVALSHA "
-        f"{cs.get('evalsha', {}).get('usec_per_call', 0):.0f} us/call, "
-        f"{out['entries_per_fold_call'] or 0:.1f} entries per fold")
-    return out
+    return [
+        B.row("publish_one_p50_us", "us", one.s("p50"), one.b("p50"), "XADD round trip p50",
+              "<= 1.2x"),
+        B.row("publish_one_p99_us", "us", one.s("p99"), one.b("p99"), "XADD round trip p99"),
+        B.row("bulk_publish_events_per_s", "events/s", bulkr.s("per_s"), bulkr.b("per_s"),
+              "redis-py pipelined XADD, batches of 1000", ">= 1x"),
+    ]
 
 
 # -------------------------------------------------------------------------- query
 
 
-def bench_query(url: str, cfg: dict) -> dict:
+def query_rows(quick: bool, rounds: int, redis_url: str, **_) -> list[dict]:
+    cfg = SIZES[quick]
+    c = redis.Redis.from_url(redis_url)
     prefix = B.new_prefix("benchq")
-    d = B.open_deployment(url, prefix)
+    ns = B.naive_namespace()
+    d = B.open_deployment(redis_url, prefix)
     try:
-        mix, jobs = B.job_mix(20_000, seed=3, tag="q")
-        Publisher(d).publish_many(mix)
+        mix, _ = B.job_mix(cfg["query_events"], seed=3, tag="q")
+        for chunk in B.chunks(mix, 1000):
+            Publisher(d).publish_many(chunk)
         Projector(d, consumer="bench-q").drain()
+        B.naive_write(c, ns, mix)  # the naive tracker's hashes of the same jobs
         tr = Tracker(d)
-        tracked = sorted({e.jid for e in mix if type(e) is events.Enqueued and e.track})
+        jids = B.tracked(mix)
         rng = random.Random(5)
-        sample = [rng.choice(tracked) for _ in range(cfg["gets"])]
-        get = p50_p99(latencies(lambda i: tr.get(sample[i]), cfg["gets"]))
-        raw = redis.Redis.from_url(url)
-        skeys = [keys.snapshot(prefix, d.partition(j), j) for j in sample]
-        hga = p50_p99(latencies(lambda i: raw.hgetall(skeys[i]), cfg["gets"]))
-        batches = [[rng.choice(tracked) for _ in range(100)] for _ in range(cfg["many"])]
-        t0 = time.perf_counter()
-        for b in batches:
-            tr.get_many(b)
-        many = 100 * len(batches) / (time.perf_counter() - t0)
-        kb = [[keys.snapshot(prefix, d.partition(j), j) for j in b] for b in batches]
-        t0 = time.perf_counter()
-        for b in kb:
-            pipe = raw.pipeline(transaction=False)
-            for k in b:
+        n = cfg["gets"]
+        sample = [rng.choice(jids) for _ in range(n * rounds)]
+        nkeys = [B.naive_key(ns, j) for j in sample]
+
+        def get_round(i: int) -> tuple[dict, dict]:
+            b, s = B.paired_us(lambda k: c.hgetall(nkeys[k]), lambda k: tr.get(sample[k]), n, i * n)
+            return ({"p50": B.pct(b, 50), "p99": B.pct(b, 99)},
+                    {"p50": B.pct(s, 50), "p99": B.pct(s, 99)})
+
+        one = B.Rounds().paired(rounds, get_round)
+        batches = [[rng.choice(jids) for _ in range(100)] for _ in range(cfg["many"])]
+        kbatches = [[B.naive_key(ns, j) for j in b] for b in batches]
+
+        def pipelined(j: int) -> None:
+            pipe = c.pipeline(transaction=False)
+            for k in kbatches[j]:
                 pipe.hgetall(k)
             pipe.execute()
-        raw_many = 100 * len(batches) / (time.perf_counter() - t0)
-        raw.close()
-    finally:
-        B.cleanup(d.client, prefix)
-        d.close()
-    out = {"get_us": get, "hgetall_us": hga, "get_many_per_s": many,
-           "raw_pipelined_hgetall_per_s": raw_many}
-    log(f"query: get p50 {get['p50']:.0f} us (HGETALL {hga['p50']:.0f} us); get_many "
-        f"{many:,.0f} jids/s (pipelined HGETALL {raw_many:,.0f}/s)")
-    return out
 
+        def many_round(i: int) -> tuple[dict, dict]:
+            b, s = B.paired_rate(pipelined, lambda j: tr.get_many(batches[j]), len(batches),
+                                 100 * len(batches))
+            return {"per_s": b}, {"per_s": s}
 
-# ------------------------------------------------------------------------- memory
-
-
-def used(c) -> int:
-    return int(c.info("memory")["used_memory"])
-
-
-def bench_memory(url: str, cfg: dict, base: str) -> dict:
-    """used_memory deltas and MEMORY USAGE samples over ``mem_jobs`` jobs."""
-    prefix = "m" + B.new_prefix("")[-6:]  # as long as the default prefix "tracker"
-    d = B.open_deployment(url, prefix)
-    c = d.client
-    out: dict = {}
-    try:
-        mix, jobs = B.job_mix(int(cfg["mem_jobs"] * 6.42), seed=9, tag="m")  # ~6.42 events/job
-        payload = sum(len(k) + len(str(v)) for e in mix for k, v in
-                      events.encode_entry(e).items()) / len(mix)
-        for part in range(d.partitions):  # create streams and groups first: not per event
-            Projector(d).ensure_group(part)
-        m0 = used(c)
-        pub = Publisher(d)
-        for chunk in B.chunks(mix, 1000):
-            pub.publish_many(chunk)
-        m1 = used(c)
-        stream_usage = sum(c.memory_usage(keys.stream(prefix, p), samples=0) or 0
-                           for p in range(d.partitions))
-        t0 = time.perf_counter()
-        Projector(d, consumer="bench-mem").drain()
-        drain_secs = time.perf_counter() - t0
-        m2 = used(c)
-        tracked = sorted({e.jid for e in mix if type(e) is events.Enqueued and e.track})
-        snaps = sum(1 for _ in c.scan_iter(match=f"{{{prefix}:*}}:t:*", count=5000))
-        sample = random.Random(2).sample(tracked, min(2000, len(tracked)))
-        usage = [c.memory_usage(keys.snapshot(prefix, d.partition(j), j), samples=0) or 0
-                 for j in sample]
-        # Baseline: the naive tracker's hash for the same final tracks (long field names).
-        rows = []
-        for chunk in B.chunks(tracked, 1000):
-            p2 = c.pipeline(transaction=False)
-            for j in chunk:
-                p2.hgetall(keys.snapshot(prefix, d.partition(j), j))
-            rows += p2.execute()
-        m3 = used(c)
-        names = {b"s": "state", b"p": "percent", b"d": "desc", b"u": "updated_at",
-                 b"r": "reserved_until", b"x": "expires_at"}
-        for chunk in B.chunks(list(zip(tracked, rows)), 1000):
-            pipe = c.pipeline(transaction=False)
-            for j, h in chunk:
-                key = f"{base}:naive:{j}"
-                pipe.hset(key, mapping={names[k]: v for k, v in h.items()})
-                pipe.pexpireat(key, int(h[b"x"]))
-            pipe.execute()
-        m4 = used(c)
-        naive_usage = [c.memory_usage(f"{base}:naive:{j}", samples=0) or 0 for j in sample]
-        # Other per-job keys the projector writes besides the snapshot (a history index).
-        hist = getattr(keys, "history", None)
-        hist_usage = [c.memory_usage(hist(prefix, d.partition(j), j), samples=0) or 0
-                      for j in sample] if hist else [0]
-        extra = sum(1 for _ in c.scan_iter(match=f"{{{prefix}:*}}:h:*", count=5000))
-        out = {"jobs": jobs, "events": len(mix), "snapshots": snaps, "tracked": len(tracked),
-               "used_memory_per_event": (m1 - m0) / len(mix),
-               "stream_memory_usage_per_event": stream_usage / len(mix),
-               "payload_bytes_per_event": payload,
-               "used_memory_per_tracked_job": (m2 - m1) / max(1, snaps),
-               "history_keys": extra,
-               "history_memory_usage_per_job": sum(hist_usage) / len(hist_usage),
-               "memory_usage_per_snapshot": sum(usage) / len(usage),
-               "naive_used_memory_per_job": (m4 - m3) / len(tracked),
-               "naive_memory_usage_per_job": sum(naive_usage) / len(naive_usage),
-               "drain_events_per_s": len(mix) / drain_secs}
-    finally:
-        B.cleanup(c, prefix)
-        B.cleanup(c, base)
-        d.close()
-    log(f"memory: {out['used_memory_per_event']:.1f} B/event (payload "
-        f"{out['payload_bytes_per_event']:.1f}), {out['used_memory_per_tracked_job']:.1f} B/tracked job "
-        f"(snapshot MEMORY USAGE {out['memory_usage_per_snapshot']:.1f}, history index "
-        f"{out['history_memory_usage_per_job']:.1f}; naive hash "
-        f"{out['naive_used_memory_per_job']:.1f})")
-    return out
-
-
-# ------------------------------------------------------------------ replay, serve
-
-
-def bench_replay(url: str, cfg: dict) -> dict:
-    """A full rebuild (``tracker.replay.rebuild``) of a projected log, events/s."""
-    prefix = B.new_prefix("benchrep")
-    d = B.open_deployment(url, prefix)
-    try:
-        mix, _ = B.job_mix(cfg["project"], seed=11, tag="rp")
-        Publisher(d).publish_many(mix)
-        t0 = time.perf_counter()
-        rebuild(d)
-        secs = time.perf_counter() - t0
-        out = {"available": True, "function": "tracker.replay.rebuild(deployment)",
-               "events": len(mix), "seconds": secs, "per_s": len(mix) / secs}
-        log(f"replay: {out['per_s']:,.0f} events/s")
+        manyr = B.Rounds().paired(rounds, many_round)
+        out = [
+            B.row("tracker_get_p50_us", "us", one.s("p50"), one.b("p50"), "HGETALL round trip p50",
+                  "<= 1.1x"),
+            B.row("tracker_get_p99_us", "us", one.s("p99"), one.b("p99"), "HGETALL round trip p99"),
+            B.row("get_many_jids_per_s", "jids/s", manyr.s("per_s"), manyr.b("per_s"),
+                  "pipelined HGETALL, batches of 100", ">= 1x"),
+        ]
+        out += lagged_read_rows(d, tr, jids, cfg, rounds)
         return out
     finally:
-        B.cleanup(d.client, prefix)
+        B.cleanup(c, prefix)
+        B.cleanup(c, ns)
         d.close()
+        c.close()
 
 
-def bench_serve(url: str, quick: bool) -> dict:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_serve.py")
-    if not os.path.exists(path):
-        log("serve: skipped (scripts/bench_serve.py does not exist)")
-        return {"skipped": "scripts/bench_serve.py does not exist"}
-    try:
-        mod = importlib.import_module("bench_serve")
-        run = mod.run
-    except Exception as e:
-        log(f"serve: skipped (importing scripts/bench_serve.py failed: {e!r})")
-        return {"skipped": f"import failed: {e!r}"}
-    try:
-        return run(url, quick)
-    except Exception as e:
-        log(f"serve: bench_serve.run failed: {e!r}")
-        traceback.print_exc()
-        return {"skipped": f"run failed: {e!r}"}
+def lagged_read_rows(d, tr: Tracker, jids: list, cfg: dict, rounds: int) -> list[dict]:
+    """Tracker.get right after N events it has to fold first (no projector runs): the N
+    events are TRACK SETs on tracked jobs of the read JID's partition, the last on it."""
+    target = jids[0]
+    part = d.partition(target)
+    mates = [j for j in jids if d.partition(j) == part][:1000]
+    out = []
+    for n, samples in cfg["lag_samples"].items():
+        try:
+            out.append(lagged_read_row(tr, Publisher(d), target, mates, n, samples, rounds))
+        except TrackerError as e:  # a finding, not a crash of the bench: say it in the row
+            out.append(B.skipped(f"read_after_{n}_unfolded_us", f"the read raised {e}"))
+            Projector(d, consumer="bench-q").drain()  # fold the backlog for the next N
+    return out
 
 
-def serve_rows(rep: Report, res: dict) -> None:
-    """Add bench_serve's figures: its own rows if it gives them, else its numbers."""
-    if "skipped" in res:
-        rep.row("TRACK GET over Faktory protocol", float("nan"), "", target="skipped: "
-                + res["skipped"][:60])
-        rep.rows[-1]["value"] = None
-        return
-    for k in sorted(res):
-        v = res[k]
-        if k.startswith("serve_") and isinstance(v, dict) and "rps" in v:
-            c = k.split("_", 1)[1]
-            raw = (res.get(f"redis_benchmark_{c}") or {}).get("rps")
-            target = f">= {res['target_rps_50']:,}/s" if c == "50" and "target_rps_50" in res \
-                else None
-            rep.row(f"TRACK GET over Faktory, {c} conn", v["rps"], "req/s",
-                    "redis-benchmark GET" if raw else None, raw or None, target,
-                    res.get("meets_target") if target else None)
-            rep.row(f"TRACK GET over Faktory, {c} conn, p50/p99",
-                    v.get("p50_ms"), f"/ {v.get('p99_ms')} ms")
-    if any(k.startswith("serve_") and isinstance(res[k], dict) for k in res):
-        return
-    rows = res.get("rows")
-    if isinstance(rows, list):
-        for r in rows:
-            if isinstance(r, dict) and "metric" in r:
-                rep.rows.append({k: r.get(k) for k in ("metric", "value", "unit", "baseline",
-                                                      "baseline_value", "ratio", "target",
-                                                      "pass")})
-        return
-    for k, v in res.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            rep.row(f"serve: {k}", v, "")
+def lagged_read_row(tr: Tracker, pub: Publisher, target: str, mates: list, n: int, samples: int,
+                    rounds: int) -> dict:
+    evs = [events.make_trackset(mates[k % len(mates)], k % 101, f"lag {k}")
+           for k in range(n - 1)] + [events.make_trackset(target, 50, f"lag {n}")]
+
+    def both(i: int) -> tuple[dict, dict]:
+        fresh, lagged = [], []
+        clock = time.perf_counter_ns
+        for _ in range(samples):
+            tr.get(target)  # the fold is at the tip
+            t0 = clock()
+            tr.get(target)
+            fresh.append((clock() - t0) / 1000)
+            for chunk in B.chunks(evs, 1000):
+                pub.publish_many(chunk)
+            t0 = clock()
+            got = tr.get(target)
+            lagged.append((clock() - t0) / 1000)
+            if got.get("desc") != f"lag {n}":
+                raise RuntimeError(f"a read after {n} events missed the last: {got}")
+        return {"p50": statistics.median(fresh)}, {"p50": statistics.median(lagged)}
+
+    r = B.Rounds().paired(rounds, both)
+    return B.row(f"read_after_{n}_unfolded_us", "us", r.s("p50"), r.b("p50"),
+                 "Tracker.get with the fold at the tip",
+                 note=f"{samples} reads per round, each right after publishing {n}")
 
 
 # --------------------------------------------------------------------------- main
 
+GROUPS = {"publish": publish_rows, "query": query_rows, "project": bench_project.rows,
+          "replay": bench_replay.rows, "serve": bench_serve.rows}
 
-def proxy_rows(rep: Report, url: str, quick: bool, faktory_bin) -> None:
-    """bench_proxy's rows (issue 15's keys) in this report's table: measured only with a
-    Faktory binary (--faktory-bin / TRACKER_FAKTORY_BIN), else "not measured"."""
+
+def optional(name: str, quick: bool, ctx: dict) -> tuple[list, list]:
+    """Rows of scripts/bench_<name>.py when it exists, else a note."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"bench_{name}.py")
+    if not os.path.exists(path):
+        return [], [f"bench_{name}.py: not present, skipped"]
     try:
-        got = bench_proxy.rows(quick, faktory_bin=faktory_bin, redis_url=url)
-    except Exception as e:
-        log(f"proxy: bench_proxy.rows failed: {e!r}")
-        traceback.print_exc()
-        got = bench_proxy.not_measured(f"failed: {e!r}"[:80])
-    rep.figures["proxy"] = got
-    for r in got:
-        rep.rows.append({"metric": r["metric"], "value": r["figure"], "unit": r["unit"],
-                         "baseline": r["baseline_name"], "baseline_value": r["baseline"],
-                         "ratio": r["ratio"], "target": r["target"], "pass": r["met"]})
+        mod = importlib.import_module(f"bench_{name}")
+        return list(mod.rows(quick, **ctx)), []
+    except (B.Skip, ImportError) as e:
+        return [], [f"bench_{name}.py: skipped ({type(e).__name__}: {e})"]
 
 
-def run_all(url: str, quick: bool, faktory_bin=None) -> Report:
-    cfg = QUICK if quick else FULL
-    rep = Report()
-    F = rep.figures
-    base = B.new_prefix("benchraw")
-    mix, jobs = B.job_mix(cfg["bulk"], seed=1, tag="b")
-    F["mix"] = {"events": len(mix), "jobs": jobs, "events_per_job": len(mix) / jobs}
-    F["raw"] = raw = bench_raw(url, base, cfg)
-    F["naive"] = naive = bench_naive(url, base, mix, jobs)
-    F["publish"] = pubf = bench_publish(url, cfg, mix, base)
-    raw["xadd_pipelined_per_s"] = pubf["xadd_pipelined_per_s"]
-    F["projector"] = prj = BP.run(url, cfg["project"], cli=not quick, procs=(2,),
-                                  log=lambda m: log("projector: " + m))
-    again = bench_naive(url, base, mix, jobs)  # again after the projector: best of two
-    naive["jobs_per_s_rounds"] = [naive["jobs_per_s"], again["jobs_per_s"]]
-    naive["jobs_per_s"] = max(naive["jobs_per_s_rounds"])
-    F["query"] = q = bench_query(url, cfg)
-    F["lag"] = lag = {}
-    for rate in (1000, 10_000, None):
-        lag["max" if rate is None else str(rate)] = lag_run(url, rate, cfg["lag_secs"],
-                                                            tag=str(rate))
-    for rate in () if quick else (10_000, None):  # the projector as its own process
-        lag[("max" if rate is None else str(rate)) + "/process"] = lag_run(
-            url, rate, cfg["lag_secs"], tag=f"p{rate}", where="process")
-    F["memory"] = mem = bench_memory(url, cfg, base)
-    F["replay"] = replay = bench_replay(url, cfg)
-    F["serve"] = serve = bench_serve(url, quick)
-
-    xrtt, hrtt = raw["xadd_rtt_us"], raw["hgetall_rtt_us"]
-    rep.row("raw: one XADD round trip, p50", xrtt["p50"], "us")
-    rep.row("raw: one HGETALL round trip, p50", hrtt["p50"], "us")
-    rep.row("raw: pipelined XADD (batch 1000)", raw["xadd_pipelined_per_s"], "ev/s")
-    rep.row("raw: naive direct-write tracker", naive["jobs_per_s"], "jobs/s")
-    one = pubf["one_us"]
-    rep.row("publish one, p50", one["p50"], "us", "XADD rtt", xrtt["p50"], "<= 1.2x",
-            one["p50"] <= 1.2 * xrtt["p50"])
-    rep.row("publish one, p99", one["p99"], "us", "XADD rtt p99", xrtt["p99"])
-    rep.row("bulk publish", pubf["bulk_per_s"], "ev/s", "pipelined XADD",
-            raw["xadd_pipelined_per_s"], ">= 1x",
-            pubf["bulk_per_s"] >= raw["xadd_pipelined_per_s"])
-    n1 = prj["in_process"]
-    jobs_s = prj["prepare"]["jobs"] / n1["seconds"]
-    rep.row("projector, 1 process (drain)", jobs_s, "jobs/s", "naive tracker",
-            naive["jobs_per_s"], ">= 2x", jobs_s >= 2 * naive["jobs_per_s"])
-    rep.row("projector, 1 process (drain)", n1["per_second"], "ev/s", "pipelined XADD",
-            raw["xadd_pipelined_per_s"])
-    if "cli" in prj:
-        c = prj["cli"]
-        rep.row("tracker project --once", c["per_second"], "ev/s", "pipelined XADD",
-                raw["xadd_pipelined_per_s"])
-    n2 = prj["processes_2"]
-    rep.row("projector, 2 processes", n2["per_second"], "ev/s", "1 process", n1["per_second"])
-    ev = n1["commandstats"].get("evalsha", {})
-    rep.row("projector: Lua time per event", ev.get("usec", 0) / max(1, n1["entries"]), "us",
-            "XADD in Redis", n1["commandstats"].get("xadd", {}).get("usec_per_call")
-            or None)
-    g = q["get_us"]
-    rep.row("Tracker.get, p50", g["p50"], "us", "HGETALL rtt", q["hgetall_us"]["p50"], "<= 1.2x",
-            g["p50"] <= 1.2 * q["hgetall_us"]["p50"])
-    rep.row("Tracker.get, p99", g["p99"], "us", "HGETALL rtt p99", q["hgetall_us"]["p99"])
-    rep.row("get_many (batches of 100)", q["get_many_per_s"], "jids/s", "pipelined HGETALL",
-            q["raw_pipelined_hgetall_per_s"], ">= 100k/s", q["get_many_per_s"] >= 100_000)
-    for k, r in lag.items():
-        rate, _, proc = k.partition("/")
-        name = ("max" if rate == "max" else f"{int(rate) // 1000}k/s") + (
-            ", projector process" if proc else "")
-        target = "p99 <= 10 ms" if rate == "10000" else None
-        rep.row(f"lag p50 at {name} (got {r['achieved_per_s']:,.0f}/s)", r["lag_ms"]["p50"],
-                "ms", "XADD rtt", xrtt["p50"] / 1000)
-        rep.row(f"lag p99 at {name}", r["lag_ms"]["p99"], "ms", "XADD rtt p99",
-                xrtt["p99"] / 1000, target, (r["lag_ms"]["p99"] <= 10) if target else None)
-    rep.row("memory per tracked job, all keys (used_memory)", mem["used_memory_per_tracked_job"],
-            "B", "naive hash", mem["naive_used_memory_per_job"], "<= 120 B",
-            mem["used_memory_per_tracked_job"] <= 120)
-    rep.row("memory per snapshot hash (MEMORY USAGE)", mem["memory_usage_per_snapshot"], "B",
-            "naive hash", mem["naive_memory_usage_per_job"], "<= 120 B",
-            mem["memory_usage_per_snapshot"] <= 120)
-    if mem["history_keys"]:
-        rep.row("memory per history index key (MEMORY USAGE)",
-                mem["history_memory_usage_per_job"], "B", "snapshot hash",
-                mem["memory_usage_per_snapshot"])
-    rep.row("memory per logged event (used_memory)", mem["used_memory_per_event"], "B",
-            "payload bytes", mem["payload_bytes_per_event"], "<= 60 B",
-            mem["used_memory_per_event"] <= 60)
-    rep.row("memory per logged event (MEMORY USAGE)", mem["stream_memory_usage_per_event"], "B",
-            "payload bytes", mem["payload_bytes_per_event"])
-    if replay.get("available"):
-        rep.row("replay", replay["per_s"], "ev/s", "pipelined XADD",
-                raw["xadd_pipelined_per_s"], ">= 150k/s", replay["per_s"] >= 150_000)
-    else:
-        rep.rows.append({"metric": "replay", "value": None, "unit": "not available",
-                         "baseline": None, "baseline_value": None, "ratio": None,
-                         "target": ">= 150k/s", "pass": None})
-    serve_rows(rep, serve)
-    proxy_rows(rep, url, quick, faktory_bin)
-    return rep
+def num(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
 
-def cluster_rows(a) -> int:
-    """``--cluster``: scripts/bench_cluster.py's rows, as a table (and JSON)."""
-    mod = importlib.import_module("bench_cluster")
-    t0 = time.time()
-    rows = mod.rows(a.quick)
+def table(rows: list[dict]) -> str:
+    head = ("metric", "figure", "baseline (same rounds)", "ratio [spread]", "target", "verdict")
+    lines = []
     for r in rows:
-        ratio = "" if r["ratio"] is None else f"  {r['ratio']:.2f}x {r['spread']}"
-        base = "" if r["baseline"] is None else f"  vs {r['baseline']:,.1f} ({r['baseline_name']})"
-        print(f"{r['metric']}: {r['figure']:,.1f} {r['unit']}{base}{ratio}"
-              f"{'  target ' + r['target'] if r['target'] else ''}")
-    print(f"\n({time.time() - t0:.0f} s; ratios: median of per-round cluster / single Redis)")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"quick": a.quick, "rows": rows}, f, indent=1)
-    return 0
+        base = "-" if r.get("baseline") is None else f"{num(r['baseline'])} ({r['baseline_name']})"
+        ratio = "-"
+        if r.get("ratio") is not None:
+            lo, hi = r.get("spread") or (r["ratio"], r["ratio"])
+            ratio = f"{r['ratio']:.2f}x [{lo:.2f}..{hi:.2f}]"
+        verdict = {True: "pass", False: "MISS", None: "-"}[r.get("met")]
+        if r.get("rounds_met"):
+            verdict += f" {r['rounds_met']}"
+        fig = "-" if r.get("figure") is None else f"{num(r['figure'])} {r.get('unit', '')}"
+        lines.append((r["metric"], fig, base, ratio, r.get("target") or "-", verdict))
+    w = [max(len(x[i]) for x in lines + [head]) for i in range(6)]
+    fmt = " | ".join(f"{{:{n}}}" for n in w)
+    out = [fmt.format(*head), "-+-".join("-" * n for n in w)] + [fmt.format(*x) for x in lines]
+    notes = [f"  {r['metric']}: {r['note']}" for r in rows if r.get("note")]
+    return "\n".join(out + (["", "notes:"] + notes if notes else []))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--redis-url", help="Redis to use (default: a private redis-server)")
-    ap.add_argument("--quick", action="store_true", help="smaller samples, under a minute")
-    ap.add_argument("--json", metavar="PATH", help="write every figure as JSON")
-    ap.add_argument("--faktory-bin", metavar="PATH", default=os.environ.get("TRACKER_FAKTORY_BIN"),
-                    help="a Faktory server binary: measure serve --upstream against it")
-    ap.add_argument("--cluster", action="store_true",
-                    help="the Redis Cluster rows only: 3 masters against one Redis "
-                         "(scripts/bench_cluster.py starts both)")
+    ap.add_argument("--quick", action="store_true", help="smaller samples, about 1-2 minutes")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per ratio (>= 5)")
+    ap.add_argument("--json", metavar="PATH", help="write rows, raw figures and the machine")
+    ap.add_argument("--only", nargs="+", metavar="GROUP", choices=[*GROUPS, *OPTIONAL],
+                    help="run only these groups")
+    ap.add_argument("--faktory-bin", help="a Faktory server binary, for modules that compare")
+    ap.add_argument("--cluster", metavar="URL", help="a Redis Cluster, for bench_cluster.py")
     a = ap.parse_args(argv)
+    if a.rounds < 5:
+        ap.exit(2, "bench.py: error: --rounds: expected at least 5\n")
     t0 = time.time()
-    if a.cluster:
-        return cluster_rows(a)
     server = None if a.redis_url else B.PrivateRedis()
     url = a.redis_url or server.url
+    rows: list[dict] = []
+    notes: list[str] = []
+    failed = 0
+    timings: dict[str, float] = {}
     try:
-        info = redis.Redis.from_url(url).info("server")
-        where = (f"private {server.binary} on port {server.port}" if server
-                 else "the Redis given by --redis-url")
-        log(f"Redis {info['redis_version']} ({where}); {os.cpu_count()} CPUs, "
-            f"{platform.python_implementation()} {platform.python_version()}, "
-            f"{'quick' if a.quick else 'full'} run")
-        rep = run_all(url, a.quick, a.faktory_bin)
+        c = redis.Redis.from_url(url)
+        mach = B.machine(c)
+        mach["redis"] = f"private {server.binary}" if server else "--redis-url"
+        log(f"Redis {mach['redis_version']} ({mach['mem_allocator']}; "
+            f"{f'private {server.binary}' if server else 'the Redis of --redis-url'}); "
+            f"{mach['cpus']} CPUs, load average {mach['load_average']}, {mach['python']}, "
+            f"{'quick' if a.quick else 'full'} run, {a.rounds} rounds")
+        ctx = {"rounds": a.rounds, "redis_url": url, "faktory_bin": a.faktory_bin,
+               "cluster": a.cluster, "log": log}
+        for name in a.only or [*GROUPS, *OPTIONAL]:
+            log(f"-- {name}")
+            started = time.time()
+            try:
+                if name in GROUPS:
+                    got = GROUPS[name](a.quick, **ctx)
+                else:
+                    got, skip = optional(name, a.quick, ctx)
+                    notes += skip
+                    for s in skip:
+                        log(s)
+                rows += got
+                for r in got:
+                    log(f"   {r['metric']}: {num(r.get('figure'))} {r.get('unit')}"
+                        + (f", {r['ratio']:.2f}x {r.get('baseline_name')}" if r.get("ratio") else ""))
+            except Exception as e:
+                failed += 1
+                traceback.print_exc()
+                notes.append(f"{name}: failed: {type(e).__name__}: {e}")
+            timings[name] = round(time.time() - started, 1)
+        mach["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     finally:
         if server:
             server.stop()
     secs = time.time() - t0
-    table = rep.table()
-    print()
-    print(table)
-    print(f"\n({secs:.0f} s; ratios are figure / raw baseline measured in this run)")
+    figures = {r["metric"]: r.pop("detail") for r in rows if "detail" in r}
+    text = table(rows)
+    print(text)
+    for n in notes:
+        print("note:", n)
+    print(f"\n({secs:.0f} s: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items() if v >= 1)
+          + f"; load average {mach['load_average']} at start, "
+          f"{mach['load_average_end']} at the end; ratios are medians of per-round ratios)")
     if a.json:
-        doc = {"quick": a.quick, "seconds": secs, "redis_version": info["redis_version"],
-               "cpus": os.cpu_count(), "python": platform.python_version(),
-               "rows": rep.rows, "figures": rep.figures, "table": table}
+        doc = {"format": 2, "quick": a.quick, "rounds": a.rounds, "seconds": round(secs),
+               "machine": mach, "naive_tracker": B.NAIVE, "rows": rows, "figures": figures,
+               "notes": notes, "seconds_by_group": timings, "table": text}
         with open(a.json, "w") as f:
             json.dump(doc, f, indent=1, default=str)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

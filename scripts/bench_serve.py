@@ -1,204 +1,228 @@
-"""Benchmark ``tracker serve``: TRACK GET requests/s and p99 latency, 1 and 50 connections.
+"""TRACK GET over ``tracker serve`` against ``redis-benchmark -t get``, with a load
+generator that is checked not to be the bottleneck.
 
-The server runs as its own process (``tracker serve --port 0``, as users run it);
-the load generator is this process, asyncio raw sockets, each connection a
-closed loop (send one TRACK GET, wait for the reply, repeat), like
-``redis-benchmark`` without pipelining. In the same run ``redis-benchmark -t get``
-measures raw Redis GET with the same connection counts, so the figures are
-reported as ratios too. ``scripts/bench.py`` imports ``run``.
+    python scripts/bench_serve.py [--redis-url URL] [--quick] [--rounds N]
 
-    python scripts/bench_serve.py [--redis-url URL] [--quick]
+``tracker serve --port 0`` runs as its own process, as users run it, on 1,000 tracked
+jobs. The load generator is a forked process of this script: one epoll loop over
+plain non-blocking sockets, each connection a closed loop (send one request, wait for
+its reply, send the next), as ``redis-benchmark`` runs without ``-P``; the first
+0.3 s are not counted. It speaks the Faktory protocol (HI, HELLO, then ``TRACK GET
+jid``) to ``serve`` and the inline ``GET key:__rand_int__`` that ``redis-benchmark -t
+get`` sends to Redis, so it is measured against Redis too: when it reaches Redis at
+about redis-benchmark's rate, it is not what limits ``serve``. Each round runs, in
+order: redis-benchmark -c 50, the generator on Redis (50 connections, then 1), and the
+generator on ``serve`` (50, then 1). The CPU share of each process in each run
+(/proc, INFO cpu, and the generator's own rusage) is in the figures: the process near
+100% of a core is the limit.
+
+Rows: serve_track_get_per_s_50conn (vs redis-benchmark -c 50, target >= 0.6x),
+loadgen_redis_get_per_s_50conn (the generator on Redis vs redis-benchmark: its
+headroom), serve_track_get_p50_ms_1conn (vs the generator's Redis GET p50, 1 conn).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import multiprocessing
 import os
 import re
+import resource
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
 
-import redis
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from tracker.projector import Projector
-from tracker.publisher import Publisher
-from tracker.store.deployment import Deployment
-from tracker.store.settings import Settings
+import _benchlib as B  # noqa: E402
+import redis  # noqa: E402
+
+from tracker.projector import Projector  # noqa: E402
+from tracker.publisher import Publisher  # noqa: E402
 
 JIDS = 1000
+WARM = 0.3
+SECONDS = {True: 0.6, False: 3.0}
 
 
-class _Load(asyncio.Protocol):
-    """One client connection: handshake, then TRACK GET in a closed loop."""
-
-    def __init__(self, jids: list[bytes], lat: list, stop_at: float, done: asyncio.Future):
-        self.jids, self.lat, self.stop_at, self.done = jids, lat, stop_at, done
-        self.buf = bytearray()
-        self.state = "hi"
-        self.i = 0
-        self.sent = 0.0
-
-    def connection_made(self, transport):
-        self.t = transport
-
-    def _send(self):
-        self.i += 1
-        self.sent = time.perf_counter()
-        self.t.write(b"TRACK GET %s\r\n" % self.jids[self.i % len(self.jids)])
-
-    def data_received(self, data):
-        self.buf += data
-        while True:
-            end = self.buf.find(b"\r\n")
-            if end < 0:
-                return
-            if self.state == "hi":
-                del self.buf[:end + 2]
-                self.state = "hello"
-                self.t.write(b'HELLO {"v":2,"hostname":"bench"}\r\n')
-            elif self.state == "hello":
-                del self.buf[:end + 2]
-                self.state = "run"
-                self._send()
-            else:
-                if self.buf[0:1] != b"$":
-                    if not self.done.done():
-                        self.done.set_exception(RuntimeError(bytes(self.buf[:200]).decode()))
-                    self.t.close()
-                    return
-                n = int(self.buf[1:end])
-                if len(self.buf) < end + 2 + n + 2:
-                    return
-                del self.buf[:end + 2 + n + 2]
-                now = time.perf_counter()
-                self.lat.append(now - self.sent)
-                if now >= self.stop_at:
-                    self.t.write(b"END\r\n")
-                    self.t.close()
-                    if not self.done.done():
-                        self.done.set_result(None)
-                    return
-                self._send()
-
-    def connection_lost(self, exc):
-        if not self.done.done():
-            self.done.set_exception(exc or RuntimeError("server closed the connection"))
+# --------------------------------------------------------------- load generator
 
 
-async def _load(port: int, conns: int, seconds: float, jids: list[bytes]) -> dict:
-    loop = asyncio.get_running_loop()
+def _readline(s: socket.socket) -> bytes:
+    buf = b""
+    while not buf.endswith(b"\r\n"):
+        got = s.recv(4096)
+        if not got:
+            raise RuntimeError(f"connection closed during the handshake after {buf!r}")
+        buf += got
+    return buf
+
+
+def _load(port: int, conns: int, seconds: float, requests: list[bytes], faktory: bool,
+          password: str, out) -> None:
+    """Child: closed-loop load; sends (replies, seconds, p50, p99, cpu share) on ``out``."""
+    socks = []
+    for _ in range(conns):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if faktory:
+            _readline(s)  # +HI
+            s.sendall(b'HELLO {"v":2,"hostname":"bench"}\r\n')
+        elif password:
+            s.sendall(b"AUTH %s\r\n" % password.encode())
+        if faktory or password:
+            line = _readline(s)
+            if not line.startswith(b"+OK"):
+                raise RuntimeError(f"handshake refused: {line[:100]!r}")
+        s.setblocking(False)
+        socks.append(s)
+    ep = select.epoll()
+    by_fd = {}
+    nreq = len(requests)
+    for i, s in enumerate(socks):
+        # per connection: socket, pending bytes, request index, time sent
+        by_fd[s.fileno()] = [s, b"", i * 7919 % nreq, 0.0]
+        ep.register(s.fileno(), select.EPOLLIN)
+    clock = time.perf_counter
+    start = clock()
+    t_count, t_end = start + WARM, start + WARM + seconds
     lat: list[float] = []
-    # a short warm-up with the same connections' count, not measured
-    for measured in (False, True):
-        sample: list[float] = []
-        start = time.perf_counter()
-        stop_at = start + (seconds if measured else min(0.5, seconds / 4))
-        futs = []
-        for c in range(conns):
-            fut = loop.create_future()
-            await loop.create_connection(lambda: _Load(jids[c::conns] or jids, sample, stop_at, fut),  # noqa: B023 (called at once)
-                                         "127.0.0.1", port)
-            futs.append(fut)
-        await asyncio.gather(*futs)
-        elapsed = time.perf_counter() - start
-        lat = sample
+    add = lat.append
+    for st in by_fd.values():
+        st[3] = clock()
+        st[0].send(requests[st[2]])
+    r0 = None
+    live = len(by_fd)
+    while live:
+        for fd, _ in ep.poll(1.0):
+            st = by_fd[fd]
+            data = st[0].recv(65536)
+            if not data:
+                raise RuntimeError("the server closed a connection")
+            buf = st[1] + data if st[1] else data
+            end = buf.find(b"\r\n")
+            if end < 0 or buf[0] != 36:  # not yet a whole header, or not a bulk string
+                if end >= 0:
+                    raise RuntimeError(f"unexpected reply {buf[:200]!r}")
+                st[1] = buf
+                continue
+            n = int(buf[1:end])
+            total = end + 2 + (n + 2 if n >= 0 else 0)
+            if len(buf) < total:
+                st[1] = buf
+                continue
+            st[1] = buf[total:]
+            now = clock()
+            if now >= t_count:
+                if r0 is None:
+                    r0 = resource.getrusage(resource.RUSAGE_SELF)
+                add(now - st[3])
+            if now >= t_end:
+                ep.unregister(fd)
+                st[0].close()
+                live -= 1
+                continue
+            i = st[2] = (st[2] + 1) % nreq
+            st[3] = now
+            st[0].send(requests[i])
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    wall = clock() - t_count
+    cpu = (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) if r0 else 0.0
     lat.sort()
-    return {"connections": conns, "requests": len(lat), "seconds": round(elapsed, 2),
-            "rps": round(len(lat) / elapsed),
-            "p50_ms": round(lat[len(lat) // 2] * 1000, 3),
-            "p99_ms": round(lat[int(len(lat) * 0.99)] * 1000, 3)}
+    out.send({"replies": len(lat), "seconds": wall, "per_s": len(lat) / wall,
+              "p50_ms": lat[len(lat) // 2] * 1000 if lat else None,
+              "p99_ms": lat[int(len(lat) * 0.99)] * 1000 if lat else None,
+              "cpu": round(cpu / wall, 2)})
 
 
-def _redis_benchmark(url: str, conns: int, n: int) -> dict | None:
+def load(port: int, conns: int, seconds: float, requests: list[bytes], faktory: bool,
+         password: str = "", watch: dict | None = None) -> dict:
+    """Run the generator in a forked process; ``watch`` = {name: pid or redis client}
+    whose CPU share over the run is added to the result."""
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    before = {k: B.cpu_seconds(v) if isinstance(v, int) else B.redis_cpu(v)
+              for k, v in (watch or {}).items()}
+    t0 = time.perf_counter()
+    ticks = B.machine_ticks()
+    p = ctx.Process(target=_load, args=(port, conns, seconds, requests, faktory, password,
+                                        child), daemon=True)
+    p.start()
+    if not parent.poll(seconds + 60):
+        p.kill()
+        raise RuntimeError("the load generator did not finish")
+    res = parent.recv()
+    p.join(10)
+    wall = time.perf_counter() - t0
+    res["machine_busy"] = B.busy_share(ticks, B.machine_ticks())
+    for k, v in (watch or {}).items():
+        after = B.cpu_seconds(v) if isinstance(v, int) else B.redis_cpu(v)
+        if before[k] is not None and after is not None:
+            res[f"cpu_{k}"] = round((after - before[k]) / wall, 2)
+    return res
+
+
+def redis_benchmark(url: str, conns: int, n: int) -> dict:
     exe = shutil.which("redis-benchmark")
     if not exe:
-        return None
+        raise B.Skip("redis-benchmark is not on PATH")
     u = redis.connection.parse_url(url)
-    if "path" in u:
-        target = ["-s", u["path"]]
-    else:
-        target = ["-h", u.get("host", "127.0.0.1"), "-p", str(u.get("port", 6379))]
+    target = ["-h", u.get("host", "127.0.0.1"), "-p", str(u.get("port", 6379))]
     if u.get("password"):
-        target += ["-a", u["password"]]
-    cmd = [exe, *target, "-t", "get", "-c", str(conns), "-n", str(n), "-q"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+        target += ["-a", u["password"], "--no-auth-warning"]
+    before = os.times()
+    t0 = time.perf_counter()
+    out = subprocess.run([exe, *target, "-t", "get", "-c", str(conns), "-n", str(n), "-q"],
+                         capture_output=True, text=True, timeout=300).stdout
+    wall = time.perf_counter() - t0
+    after = os.times()
     m = re.findall(r"GET: ([\d.]+) requests per second", out.replace("\r", "\n"))
-    shown = " ".join("***" if u.get("password") and a == u["password"] else a for a in cmd)
-    return {"command": shown, "rps": round(float(m[-1])) if m else None}
+    if not m:
+        raise RuntimeError(f"redis-benchmark printed no GET figure: {out[-200:]!r}")
+    cpu = (after.children_user + after.children_system - before.children_user
+           - before.children_system)
+    return {"per_s": float(m[-1]), "requests": n, "cpu": round(cpu / wall, 2)}
 
 
-# A do-nothing asyncio server speaking the same replies: the ceiling any pure-Python
-# asyncio server reaches with this load generator on this machine, right now.
-_FLOOR = r"""
-import asyncio
-J = b'{"jid":"bench-0","state":"unknown","updated_at":""}'
-BODY = b"$%d\r\n%s\r\n" % (len(J), J)
-class P(asyncio.Protocol):
-    def connection_made(self, t):
-        self.t = t
-        t.write(b'+HI {"v":2}\r\n')
-    def data_received(self, d):
-        n = d.count(b"\n")
-        if d.startswith(b"HELLO"):
-            self.t.write(b"+OK\r\n")
-            n -= 1
-        if n > 0:
-            self.t.write(BODY * n)
-async def main():
-    srv = await asyncio.get_running_loop().create_server(P, "127.0.0.1", 0)
-    print(srv.sockets[0].getsockname()[1], flush=True)
-    await asyncio.sleep(600)
-asyncio.run(main())
-"""
+# -------------------------------------------------------------------- scenario
 
 
-def _floor(conns: int, seconds: float, jids: list[bytes]) -> dict:
-    proc = subprocess.Popen([sys.executable, "-c", _FLOOR], stdout=subprocess.PIPE, text=True)
-    try:
-        port = int(proc.stdout.readline())
-        return asyncio.run(_load(port, conns, seconds, jids))
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-def _start_server(url: str, prefix: str) -> tuple[subprocess.Popen, int]:
-    cmd = [sys.executable, "-c", "from tracker.cli import main; main()", "--redis-url", url,
-           "--prefix", prefix, "serve", "--port", "0"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 20
+def start_serve(url: str, prefix: str) -> tuple[subprocess.Popen, int, list]:
+    cmd = [sys.executable, "-c", "from tracker.cli import main; main()", "--prefix", prefix,
+           "serve", "--port", "0"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, TRACKER_REDIS_URL=url))
+    deadline = time.monotonic() + 30
+    logged: list[str] = []
+    assert proc.stderr is not None
     while time.monotonic() < deadline:
         line = proc.stderr.readline()
         m = re.search(r"serving Faktory protocol on [^\s]+:(\d+)", line)
         if m:  # keep draining its log, or a chatty server would block on a full pipe
-            proc.log = []
-            threading.Thread(target=lambda: proc.log.extend(proc.stderr), daemon=True).start()
-            return proc, int(m.group(1))
+            threading.Thread(target=lambda: logged.extend(proc.stderr), daemon=True).start()
+            return proc, int(m.group(1)), logged
         if not line and proc.poll() is not None:
             break
     proc.kill()
     raise RuntimeError("tracker serve did not start")
 
 
-def _cleanup(client: redis.Redis, prefix: str) -> None:
-    """Delete this run's keys only (the Redis may be shared)."""
-    for pattern in (f"{{{prefix}:*", f"{prefix}:*"):
-        found = list(client.scan_iter(match=pattern, count=1000))
-        for i in range(0, len(found), 500):
-            client.delete(*found[i:i + 500])
-
-
-def run(redis_url: str, quick: bool) -> dict:
-    """Seed tracks, start ``tracker serve``, measure it and raw Redis; returns the figures."""
+def rows(quick: bool = False, rounds: int = 5, redis_url: str = "", log=print, **ctx) -> list:
+    u = redis.connection.parse_url(redis_url)
+    if "path" in u:
+        raise B.Skip("the load generator speaks TCP; --redis-url is a unix socket")
+    rport, password = int(u.get("port", 6379)), u.get("password") or ""
+    secs = SECONDS[quick]
+    c = redis.Redis.from_url(redis_url)
     prefix = "bench-serve-" + uuid.uuid4().hex[:8]
-    d = Deployment.open(Settings(redis_url=redis_url, prefix=prefix, partitions=8))
+    d = B.open_deployment(redis_url, prefix)
     proc = None
     try:
         jids = [f"bench-{i}" for i in range(JIDS)]
@@ -207,41 +231,75 @@ def run(redis_url: str, quick: bool) -> dict:
                 b.enqueued(j, {"track": 1})
                 b.set(j, percent=42, desc="benchmarking")
         Projector(d, consumer="bench").drain()
-        load = os.getloadavg()[0]
-        proc, port = _start_server(redis_url, prefix)
-        seconds = 1.5 if quick else 5.0
-        bj = [j.encode() for j in jids]
-        serve = {c: asyncio.run(_load(port, c, seconds, bj)) for c in (1, 50)}
-        floor = _floor(50, seconds, bj)
-        n = 20_000 if quick else 200_000
-        raw = {c: _redis_benchmark(redis_url, c, n if c == 50 else n // 4) for c in (1, 50)}
+        proc, port, logged = start_serve(redis_url, prefix)
+        track = [b"TRACK GET %s\r\n" % j.encode() for j in jids]
+        get = [b"GET key:__rand_int__\r\n"]
+        watch = {"serve": proc.pid, "redis": c}
+        est = [50_000.0]
+
+        def raw(i: int) -> dict:
+            rb = redis_benchmark(redis_url, 50, max(10_000, int(est[0] * secs)))
+            est[0] = rb["per_s"]
+            g50 = load(rport, 50, secs, get, False, password, {"redis": c})
+            g1 = load(rport, 1, secs / 2, get, False, password)
+            return {"rb": rb["per_s"], "rb_cpu": rb["cpu"], "gen50": g50["per_s"],
+                    "gen50_run": g50, "gen1_p50": g1["p50_ms"]}
+
+        def serve(i: int) -> dict:
+            s50 = load(port, 50, secs, track, True, "", watch)
+            s1 = load(port, 1, secs / 2, track, True, "", watch)
+            log(f"  round {i + 1}: redis-benchmark {R.base[-1]['rb']:,.0f}/s, generator on "
+                f"Redis {R.base[-1]['gen50']:,.0f}/s, serve {s50['per_s']:,.0f}/s (CPU: serve "
+                f"{s50.get('cpu_serve')}, generator {s50['cpu']}, redis {s50.get('cpu_redis')}; "
+                f"machine {s50['machine_busy']} busy)")
+            return {"per_s": s50["per_s"], "run": s50, "p50_1": s1["p50_ms"]}
+
+        R = B.Rounds()
+        R.run(rounds, raw, serve)
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=15)
-        time.sleep(0.1)
-        log = "".join(proc.log)
-        out = {"serve_1": serve[1], "serve_50": serve[50], "redis_benchmark_1": raw[1],
-               "redis_benchmark_50": raw[50], "serve_exit_code": rc,
-               "serve_warnings": [ln for ln in log.splitlines() if " WARNING " in ln
-                                  or " ERROR " in ln][:5],
-               "load_average": [load, os.getloadavg()[0]],  # other work skews every figure
-               "python_asyncio_floor_50": floor,
-               "ratio_vs_python_floor_50": round(serve[50]["rps"] / floor["rps"], 3),
-               "target_rps_50": 20_000, "meets_target": serve[50]["rps"] >= 20_000}
-        for c in (1, 50):
-            if raw[c] and raw[c]["rps"]:
-                out[f"ratio_vs_redis_{c}"] = round(serve[c]["rps"] / raw[c]["rps"], 3)
-        return out
+        warnings = [ln for ln in logged if " WARNING " in ln or " ERROR " in ln][:5]
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
-        _cleanup(d.client, prefix)
+        B.cleanup(c, prefix)
         d.close()
+        c.close()
+    runs = [r["run"] for r in R.subj]
+    med = sorted(runs, key=lambda r: r["per_s"])[len(runs) // 2]
+    detail = {"serve_50": runs, "generator_redis_50": [r["gen50_run"] for r in R.base],
+              "redis_benchmark_50": R.b("rb"), "redis_benchmark_cpu": R.b("rb_cpu"),
+              "serve_exit_code": rc, "serve_warnings": warnings, "seconds_per_run": secs}
+    limit = (f"median round: p99 {med['p99_ms']:.2f} ms; CPU of a core: serve "
+             f"{med.get('cpu_serve')}, generator {med['cpu']}, redis {med.get('cpu_redis')}; "
+             f"both cores {med['machine_busy']} busy (all processes)")
+    return [
+        B.row("serve_track_get_per_s_50conn", "req/s", R.s("per_s"), R.b("rb"),
+              "redis-benchmark -t get -c 50", ">= 0.6x", note=limit, detail=detail),
+        B.row("loadgen_redis_get_per_s_50conn", "req/s", R.b("gen50"), R.b("rb"),
+              "redis-benchmark -t get -c 50",
+              note="the bench's generator on Redis GET: its headroom over serve"),
+        B.row("serve_track_get_p50_ms_1conn", "ms", R.s("p50_1"), R.b("gen1_p50"),
+              "the generator's Redis GET p50, 1 connection"),
+    ]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--redis-url", help="Redis to use (default: a private redis-server)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=5)
+    a = ap.parse_args(argv)
+    server = None if a.redis_url else B.PrivateRedis()
+    try:
+        out = rows(a.quick, a.rounds, a.redis_url or server.url,
+                   log=lambda m: print(m, file=sys.stderr, flush=True))
+    finally:
+        if server:
+            server.stop()
+    print(json.dumps(out, indent=1, default=str))
+    return 0
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--redis-url", default=os.environ.get("TRACKER_REDIS_URL",
-                                                          "redis://127.0.0.1:6379/0"))
-    ap.add_argument("--quick", action="store_true")
-    a = ap.parse_args()
-    print(json.dumps(run(a.redis_url, a.quick), indent=2))
+    sys.exit(main())
