@@ -14,7 +14,9 @@ lookup on the hot path.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Annotated, Any, Literal, Optional
 
 import msgspec
@@ -26,7 +28,7 @@ from litestar.openapi.spec import OpenAPIMediaType as Media
 from litestar.openapi.spec import Operation, RequestBody, Schema
 from litestar.openapi.spec.enums import OpenAPIType
 from litestar.params import HeaderParameter, Parameter, QueryParameter
-from litestar.response import Stream
+from litestar.response.base import ASGIResponse
 from litestar.status_codes import HTTP_200_OK, HTTP_204_NO_CONTENT, HTTP_503_SERVICE_UNAVAILABLE
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -170,9 +172,35 @@ async def read_history(t: AsyncTracker, jid: str) -> tuple[list[dict], int]:
     return out, len(reply[1])
 
 
-def _sse(content: Any) -> Stream:
-    return Stream(content=content, media_type="text/event-stream",
-                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+class _EventBody(ASGIResponse):
+    """The body of an SSE response: the hub writes it (``send_body`` is the framework's
+    place for a response that sends its own body)."""
+
+    __slots__ = ("serve",)
+    _should_set_content_length = False
+
+    def __init__(self, serve: Callable[[Any, Any], Awaitable[None]], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.serve = serve
+
+    async def send_body(self, send: Any, receive: Any) -> None:
+        await self.serve(send, receive)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class EventStream(Response[Any]):
+    """``text/event-stream`` written by ``serve(send, receive)``."""
+
+    def __init__(self, serve: Callable[[Any, Any], Awaitable[None]]):
+        super().__init__(content=None, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.serve = serve
+
+    def to_asgi_response(self, app: Any, request: Request, *,
+                         headers: Optional[dict[str, str]] = None, is_head_response: bool = False,
+                         **_: Any) -> ASGIResponse:
+        return _EventBody(self.serve, headers={**(headers or {}), **self.headers},
+                          media_type="text/event-stream", is_head_response=is_head_response)
 
 
 def routes(svc: Services) -> list[HTTPRouteHandler]:
@@ -246,7 +274,7 @@ def routes(svc: Services) -> list[HTTPRouteHandler]:
          responses=sse_responses)
     async def track_events(request: Request, jid: JidPath, last_event_id: Annotated[
             Optional[str], HeaderParameter(name="Last-Event-ID", max_length=64, required=False)] = None
-    ) -> Stream:
+    ) -> Response[Any]:
         """Server-Sent Events: the track now (unless `Last-Event-ID` says the client has
         it), then one event per change, each the TRACK GET JSON with a digest as its id,
         until success or dead. 204 when the client already has the final state."""
@@ -255,16 +283,16 @@ def routes(svc: Services) -> list[HTTPRouteHandler]:
         if last_event_id:
             now = await svc.tracker.get(jid)
             if now["state"] in TERMINAL and event_id(_encode(now)) == last_event_id:
-                return Response(content=b"", status_code=HTTP_204_NO_CONTENT)  # type: ignore[return-value]
-        return _sse(svc.hub.track_stream(jid, last_event_id, svc.config.keepalive))
+                return Response(content=b"", status_code=HTTP_204_NO_CONTENT)
+        return EventStream(partial(svc.hub.serve_track, jid, last_event_id))
 
     @get("/v1/events", summary="Every track, live (SSE)", operation_id="allEvents",
          media_type="text/event-stream", **common)
-    async def all_events(request: Request) -> Stream:
+    async def all_events(request: Request) -> EventStream:
         """Server-Sent Events: each change of any track (the page's feed); a `resync`
         event when the client fell too far behind and should reload its lists."""
         svc.authorize_read(request)
-        return _sse(svc.hub.all_stream(svc.config.keepalive))
+        return EventStream(svc.hub.serve_all)
 
     @get("/v1/jobs", summary="Tracks by state", operation_id="listJobs", security=read_security,
          tags=["tracks"], responses=errors(400, 401, 501, 503))

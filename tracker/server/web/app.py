@@ -144,7 +144,8 @@ def create_app(settings: Settings, config: WebConfig, connect: Optional[Connect]
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         backend = await connect()
         svc.tracker = backend.tracker
-        svc.hub = Hub(backend.tracker, backend.tail_client, block_ms=backend.block_ms)
+        svc.hub = Hub(backend.tracker, backend.tail_client, block_ms=backend.block_ms,
+                      keepalive=config.keepalive)
         svc.collector.subscribers = lambda: svc.hub.subscribers
         svc.collector.sent = lambda: svc.hub.sent
         svc.hub.start()

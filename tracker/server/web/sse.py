@@ -26,8 +26,8 @@ import hashlib
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from typing import NamedTuple, Optional
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple, Optional
 
 import msgspec
 import redis
@@ -39,6 +39,8 @@ from tracker.errors import TrackerError
 from tracker.store import keys
 
 log = logging.getLogger("tracker.web.sse")
+Send = Callable[[Any], Awaitable[None]]  # ASGI
+Receive = Callable[[], Awaitable[Any]]
 
 TERMINAL = frozenset({"success", "dead"})  # a stream ends after sending one of these
 RECHECK_MS = (2, 5, 10, 20, 50, 100, 250, 500, 1000)  # re-reads of an unchanged answer
@@ -79,34 +81,47 @@ class Change(NamedTuple):
 
 
 class Subscriber:
-    """One open stream: the newest state per JID it has not sent yet."""
+    """One open stream: the newest state per JID it has not sent yet.
 
-    __slots__ = ("jid", "pending", "wake", "sent", "sent_seq", "overflow", "closed")
+    Waiting is a bare future, woken by a push, by the hub's keepalive tick or at
+    close: no Event under ``wait_for`` and no timer per wait, since one update
+    wakes every subscriber of the job.
+    """
+
+    __slots__ = ("jid", "pending", "waiter", "sent", "sent_seq", "overflow", "closed")
 
     def __init__(self, jid: Optional[str]):
         self.jid = jid  # None: every track
         self.pending: dict[str, Change] = {}
-        self.wake = asyncio.Event()
+        self.waiter: Optional[asyncio.Future] = None
         self.sent: Optional[str] = None
         self.sent_seq = -1
         self.overflow = False
         self.closed = False
+
+    def wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
     def push(self, change: Change) -> None:
         if len(self.pending) >= MAX_PENDING and change.jid not in self.pending:
             self.overflow = True
         else:
             self.pending[change.jid] = change
-        self.wake.set()
+        self.wake()
 
-    async def take(self, timeout: float) -> list[Change]:
-        """What is waiting, after at most ``timeout`` seconds (empty: nothing came)."""
+    def close(self) -> None:
+        self.closed = True
+        self.wake()
+
+    async def take(self) -> list[Change]:
+        """What is waiting; empty after a keepalive tick (or at close)."""
         if not self.pending and not self.overflow and not self.closed:
-            self.wake.clear()
+            self.waiter = asyncio.get_running_loop().create_future()
             try:
-                await asyncio.wait_for(self.wake.wait(), timeout)
-            except asyncio.TimeoutError:
-                return []
+                await self.waiter
+            finally:
+                self.waiter = None
         out = list(self.pending.values())
         self.pending.clear()
         return out
@@ -116,7 +131,7 @@ class Hub:
     """The subscribers of one server, and the tailers that feed them."""
 
     def __init__(self, tracker: AsyncTracker, client: aredis.Redis, block_ms: int = 5000,
-                 batch: int = 1000):
+                 batch: int = 1000, keepalive: float = 15.0):
         self.tracker = tracker
         self.client = client  # for the blocking XREADs: one connection per partition
         self.block_ms = block_ms
@@ -129,16 +144,25 @@ class Hub:
         self.sent = 0  # events written to subscribers (a metric)
         self.tasks: list[asyncio.Task] = []
         self.stopping = False
+        self.keepalive = keepalive
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self.tasks = [asyncio.ensure_future(self._tail(p)) for p in range(self.tracker.partitions)]
+        self.tasks.append(asyncio.ensure_future(self._tick()))
+
+    async def _tick(self) -> None:
+        """Every ``keepalive`` seconds, wake every stream: a quiet one sends a comment (so
+        proxies keep it open and a client that left is noticed)."""
+        while not self.stopping:
+            await asyncio.sleep(self.keepalive)
+            for sub in [*self.everyone, *(s for subs in self.by_jid.values() for s in subs)]:
+                sub.wake()
 
     def close_streams(self) -> None:
         """End every open stream (at shutdown); the clients reconnect elsewhere."""
         for sub in [*self.everyone, *(s for subs in self.by_jid.values() for s in subs)]:
-            sub.closed = True
-            sub.wake.set()
+            sub.close()
 
     async def stop(self) -> None:
         self.close_streams()
@@ -283,13 +307,18 @@ class Hub:
         self.rechecks[jid] = loop.call_later(RECHECK_MS[attempt] / 1000, again)
 
     # ------------------------------------------------------------ streams
-    async def track_stream(self, jid: str, last_event_id: Optional[str],
-                           keepalive: float) -> AsyncIterator[bytes]:
+    # Both write straight to the ASGI ``send`` of their connection (no generator and
+    # no task group per event: one update wakes every subscriber of the job), and
+    # watch ``receive`` in a task of their own for the client leaving.
+
+    async def serve_track(self, jid: str, last_event_id: Optional[str], send: Send,
+                          receive: Receive) -> None:
         """``GET /v1/tracks/{jid}/events``: the current state (unless the client has
         it), then each change, until success or dead or the client leaves."""
         sub = self.subscribe(jid)
+        watcher = asyncio.ensure_future(_until_disconnect(receive, sub))
         try:
-            yield RETRY
+            await send(_body(RETRY))
             seq = self.next_seq()
             first = Change.of(jid, await self.tracker.get(jid), seq)
             self.note(first)
@@ -298,38 +327,54 @@ class Hub:
             sub.sent, sub.sent_seq = first.eid, seq
             if first.eid != last_event_id:
                 self.sent += 1
-                yield first.message
+                await send(_body(first.message))
             if first.terminal:
                 return
             while not sub.closed:
-                changes = await sub.take(keepalive)
+                changes = await sub.take()
                 if not changes and not sub.closed:
-                    yield KEEPALIVE
+                    await send(_body(KEEPALIVE))
                 for c in changes:
                     if c.eid == sub.sent or c.seq < sub.sent_seq:
                         continue
                     sub.sent, sub.sent_seq = c.eid, c.seq
                     self.sent += 1
-                    yield c.message
+                    await send(_body(c.message))
                     if c.terminal:
                         return
         finally:
+            watcher.cancel()
             self.unsubscribe(sub)
 
-    async def all_stream(self, keepalive: float) -> AsyncIterator[bytes]:
+    async def serve_all(self, send: Send, receive: Receive) -> None:
         """``GET /v1/events``: every change of every track, for the page."""
         sub = self.subscribe(None)
+        watcher = asyncio.ensure_future(_until_disconnect(receive, sub))
         try:
-            yield RETRY
+            await send(_body(RETRY))
             while not sub.closed:
-                changes = await sub.take(keepalive)
+                changes = await sub.take()
                 if sub.overflow:
                     sub.overflow = False
-                    yield RESYNC
+                    await send(_body(RESYNC))
                 if not changes and not sub.closed:
-                    yield KEEPALIVE
+                    await send(_body(KEEPALIVE))
                     continue
-                self.sent += len(changes)
-                yield b"".join(c.bare for c in changes)
+                if changes:
+                    self.sent += len(changes)
+                    await send(_body(b"".join(c.bare for c in changes)))
         finally:
+            watcher.cancel()
             self.unsubscribe(sub)
+
+
+def _body(chunk: bytes) -> dict:
+    return {"type": "http.response.body", "body": chunk, "more_body": True}
+
+
+async def _until_disconnect(receive: Receive, sub: Subscriber) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            sub.close()
+            return
