@@ -299,7 +299,8 @@ def _sse_round(port: int, path: str, d: Any, first: int, updates: int,
         pub_at, fold_at = {}, {}
         time.sleep(0.3)
         cpu0 = cpu_seconds(pid)
-        for pct in range(first, first + updates):
+        for k in range(first, first + updates):
+            pct = 1 + k % 99  # distinct within a round and from the state before it
             t.set(JID, percent=pct)
             pub_at[pct] = time.monotonic()
             while d.client.hget(snap, "p") != str(pct).encode():
