@@ -25,22 +25,21 @@ import fakeredis
 import httpx
 import pytest
 from helpers import missing, open_deployment, wipe
+from litestar import testing as litestar_testing  # the test extra brings the web extra
 
 from tracker import history
 from tracker.aio import AsyncTracker
 from tracker.projector import Projector
 from tracker.publisher import Publisher
 from tracker.query import Tracker
+from tracker.server.web import app as web_app
+from tracker.server.web import serve as web_serve
+from tracker.server.web import sse as web_sse
+from tracker.server.web.config import WebConfig
 from tracker.store import keys
 from tracker.store.connection import create_async_client
 from tracker.store.deployment import Deployment
 from tracker.store.settings import Settings
-
-litestar_testing = pytest.importorskip("litestar.testing", reason="the web extra is not installed")
-web_app = pytest.importorskip("tracker.server.web.app")
-from tracker.server.web import serve as web_serve  # noqa: E402
-from tracker.server.web import sse as web_sse  # noqa: E402
-from tracker.server.web.config import WebConfig  # noqa: E402
 
 TOKEN = "t0ken-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

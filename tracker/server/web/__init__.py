@@ -8,27 +8,24 @@ Prometheus metrics, on Litestar and uvicorn (the ``web`` extra).
 - ``page``: ``/`` and ``/jobs/{jid}``, served from ``static/`` in this package;
 - ``config``: the settings of the web server; ``serve``: uvicorn.
 
-This module imports nothing from the extra, so the rest of the command line
-works without it; ``load`` imports a module of it, or says how to install it.
+This module imports nothing from the extra (every ``tracker`` command imports
+it at start, and the framework takes a while to import), so the rest of the
+command line works, and starts as fast, without it; ``load`` imports a module of
+it, or says how to install it.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 from typing import Optional
 
 from tracker.errors import ConfigError
 
-MISSING: Optional[str]
-try:  # the web extra is optional: `tracker web` names what is missing
-    import litestar  # noqa: F401
-    import prometheus_client  # noqa: F401
-    import uvicorn  # noqa: F401
-except ImportError as e:
-    MISSING = e.name or "litestar"
-else:
-    MISSING = None
+# The first package of the web extra that is not installed (found, not imported).
+MISSING: Optional[str] = next((name for name in ("litestar", "uvicorn", "prometheus_client")
+                               if importlib.util.find_spec(name) is None), None)
 
 
 def load(module: str) -> ModuleType:
