@@ -12,7 +12,7 @@ from tracker.cli.app import cli, pass_app
 from tracker.cli.output import echo_json
 from tracker.errors import ConfigError
 from tracker.projector import Projector
-from tracker.server import fwp, proxy
+from tracker.server import fwp, proxy, web
 
 
 @cli.command()
@@ -26,12 +26,18 @@ from tracker.server import fwp, proxy
               metavar="SECONDS", help="How long a snapshot key outlives its expiry, so late events "
                                       "still meet it. [default: 300]")
 @click.option("--json", "as_json", is_flag=True, help="With --once: print the totals as JSON.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), metavar="PORT",
+              help="Serve this process's counters for Prometheus on 127.0.0.1:PORT/metrics "
+                   "(needs the web extra).")
 @pass_app
-def project(app, consumer, once, batch, claim_idle, grace, as_json):
+def project(app, consumer, once, batch, claim_idle, grace, as_json, metrics_port):
     """Run the projector: fold the event log into one snapshot per job."""
     if grace is not None:
         app.settings.grace = grace
     proj = Projector(app.deployment, consumer=consumer, batch=batch, claim_idle_ms=claim_idle)
+    if metrics_port is not None:
+        port = web.load("metrics").serve_projector(proj.totals, metrics_port)
+        click.echo(f"tracker project: metrics on http://127.0.0.1:{port}/metrics", err=True)
     if once:
         t0 = time.perf_counter()
         n = proj.drain()
