@@ -137,10 +137,18 @@ def test_async_list_matches_sync(real_deployment):
     (dict(state="unknown"), "state"), (dict(state="WORKING"), "state"),
     (dict(state="working", limit=0), "limit"), (dict(state="working", limit=5000), "limit"),
     (dict(state="working", limit="5"), "limit"), (dict(state="working", cursor="x"), "cursor"),
-    (dict(state="working", cursor="12:"), "cursor"), (dict(state="working", cursor="1:a b"), "jid"),
+    (dict(state="working", cursor="12:"), "cursor"), (dict(state="working", cursor="1:a b"), "cursor"),
     (dict(state="working", queue="a\nb"), "queue"), (dict(state="working", queue="q" * 201), "queue"),
 ])
 def test_bad_requests_name_the_field(tracker, kw, field):
     with pytest.raises(ValidationError) as e:
         tracker.list_tracks(**kw)
     assert e.value.field == field
+
+
+def test_count_tracks_per_state(tracker):
+    _jobs(tracker, 6, state="working", prefix="cw")
+    _jobs(tracker, 2, state="success", prefix="cs")
+    tracker.settle(range(tracker.deployment.partitions))
+    assert tracker.count_tracks() == {"enqueued": 0, "working": 6, "success": 2, "failed": 0,
+                                      "dead": 0}

@@ -23,7 +23,7 @@ import redis.asyncio as aredis
 
 from tracker import answer, events
 from tracker.freshness import POLL, READER, STEP, Freshness, behind
-from tracker.listing import Merge, Query, TrackPage
+from tracker.listing import Merge, Query, TrackPage, count_call, totals
 from tracker.projector import project_call
 from tracker.publisher import append_async
 from tracker.query import get_call, plan
@@ -167,6 +167,13 @@ class AsyncTracker:
                     deadline = self.fresh.deadline()
             needs = waiting
         return done
+
+    async def count_tracks(self) -> dict[str, int]:
+        """``Tracker.count_tracks`` on asyncio: tracks per state (a gauge)."""
+        with redis_errors(self.settings):
+            replies = await scripts.arun(self.client, "count", [
+                count_call(self.prefix, p, self.ttl_ms) for p in range(self.partitions)])
+        return totals([check(self.settings, r) for r in replies])
 
     async def list_tracks(self, state: str, queue: Optional[str] = None, limit: int = 50,
                           cursor: Optional[str] = None) -> TrackPage:

@@ -10,6 +10,7 @@ track's update time and JID) continues all partitions from the same point.
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple, Optional
 
 from projections.track import STATES
@@ -18,6 +19,7 @@ from tracker.errors import ValidationError
 from tracker.store import keys, scripts
 
 MAX_LIMIT = 1000
+CURSOR_PATTERN = r"^[0-9]{1,16}:[!-~]{1,128}$"  # '<update ms>:<JID>' of a page's last track
 BUDGET = 2000  # index entries one list.lua call may examine
 LISTABLE = tuple(s for s in STATES if s != "unknown")
 
@@ -45,10 +47,9 @@ class Query(NamedTuple):
             raise ValidationError("limit", f"expected 1..{MAX_LIMIT}, got {limit!r}")
         ms, jid = "", ""
         if cursor:
-            ms, _, jid = cursor.partition(":")
-            if not (ms.isdigit() and len(ms) <= 16 and jid):
+            if not re.fullmatch(CURSOR_PATTERN, cursor):
                 raise ValidationError("cursor", "not a cursor from a previous page")
-            events.check_jid(jid)
+            ms, _, jid = cursor.partition(":")
         return cls(state, queue or "", limit, ms, jid)
 
     def call(self, prefix: str, part: int, need: str, at: tuple[str, str]) -> scripts.Call:
@@ -56,6 +57,17 @@ class Query(NamedTuple):
         return ([keys.stream(prefix, part), keys.meta(prefix, part), keys.fence(prefix, part)],
                 [keys.snapshot_prefix(prefix, part), need, self.state, self.queue, self.limit,
                  at[0], at[1], BUDGET])
+
+
+def count_call(prefix: str, part: int, ttl_ms: int) -> scripts.Call:
+    """count.lua's KEYS and ARGV for one partition: tracks per state (a gauge)."""
+    return ([keys.meta(prefix, part), keys.fence(prefix, part)],
+            [keys.snapshot_prefix(prefix, part), ttl_ms, *LISTABLE])
+
+
+def totals(replies: list) -> dict[str, int]:
+    """count.lua's replies of every partition, summed per state."""
+    return {state: sum(int(r[i]) for r in replies) for i, state in enumerate(LISTABLE)}
 
 
 class Merge:

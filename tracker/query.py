@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from tracker import answer, events, history
 from tracker.freshness import POLL, READER, STEP, Freshness, behind
-from tracker.listing import Merge, Query, TrackPage
+from tracker.listing import Merge, Query, TrackPage, count_call, totals
 from tracker.projector import Projector
 from tracker.publisher import Publisher
 from tracker.store import keys, scripts
@@ -109,6 +109,15 @@ class Tracker:
                     deadline = self.fresh.deadline()
             needs = waiting
         return done
+
+    def count_tracks(self) -> dict[str, int]:
+        """Tracks per state, from the state index: those updated within the TTL (a gauge:
+        a working job kept alive only by a long reservation is left out)."""
+        d = self.deployment
+        with d.errors():
+            replies = scripts.run(d.client, "count", [count_call(d.prefix, p, d.ttl_ms)
+                                                      for p in range(d.partitions)])
+        return totals([check(d.settings, r) for r in replies])
 
     def list_tracks(self, state: str, queue: Optional[str] = None, limit: int = 50,
                     cursor: Optional[str] = None) -> TrackPage:

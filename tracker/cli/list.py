@@ -7,7 +7,6 @@ import click
 
 from tracker.cli.app import cli, pass_app
 from tracker.cli.output import echo_json
-from tracker.errors import TrackerError
 
 STATES = ("enqueued", "working", "success", "failed", "dead")
 
@@ -21,10 +20,7 @@ STATES = ("enqueued", "working", "success", "failed", "dead")
 @pass_app
 def list_(app, state, queue, limit, cursor, as_json):
     """List live tracks in one state (and queue), newest update first."""
-    lister = getattr(app.tracker, "list_tracks", None)
-    if lister is None:
-        raise TrackerError("listing by state needs the list index, which this build lacks")
-    page = lister(state, queue=queue, limit=limit, cursor=cursor)
+    page = app.tracker.list_tracks(state, queue=queue, limit=limit, cursor=cursor)
     for track in page.tracks:
         if as_json:
             echo_json(track)

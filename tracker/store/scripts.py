@@ -44,6 +44,7 @@ _PARTS = {
     "trim": ("ids", "snapshot", "trim"),
     "get": ("ids", "get"),
     "list": ("ids", "list"),
+    "count": ("count",),
     "dlq_retry": ("dlq_retry",),
 }
 

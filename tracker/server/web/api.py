@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal, Optional
 
 import msgspec
 from litestar import HttpMethod, Request, Response, get, post, route
-from litestar.exceptions import HTTPException, NotAuthorizedException, PermissionDeniedException
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType as Media
@@ -35,6 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from tracker import events, history
 from tracker.aio import AsyncTracker
 from tracker.errors import TrackerError, ValidationError
+from tracker.listing import CURSOR_PATTERN
 from tracker.server.web import metrics
 from tracker.server.web.config import WebConfig
 from tracker.server.web.schemas import Appended, Error, HistoryEntry, Ready, Track, TrackPage, errors
@@ -295,19 +296,16 @@ def routes(svc: Services) -> list[HTTPRouteHandler]:
         return EventStream(svc.hub.serve_all)
 
     @get("/v1/jobs", summary="Tracks by state", operation_id="listJobs", security=read_security,
-         tags=["tracks"], responses=errors(400, 401, 501, 503))
+         tags=["tracks"], responses=errors(400, 401, 503))
     async def list_jobs(request: Request, job_state: Annotated[State, QueryParameter(name="state")],
                         queue: Annotated[Optional[str], Parameter(max_length=events.MAX_NAME)] = None,
                         limit: Annotated[int, Parameter(ge=1, le=1000)] = 50,
-                        cursor: Annotated[Optional[str], Parameter(max_length=512)] = None
+                        cursor: Annotated[Optional[str], Parameter(
+                            max_length=146, pattern=CURSOR_PATTERN)] = None
                         ) -> Response[TrackPage]:
         """Live tracks in one state (and queue), newest update first, paged by `cursor`."""
         svc.authorize_read(request)
-        lister = getattr(svc.tracker, "list_tracks", None)
-        if lister is None:
-            raise HTTPException(status_code=501, detail="state: listing by state needs the "
-                                                        "list index, which this build lacks")
-        page = await lister(job_state, queue=queue, limit=limit, cursor=cursor)
+        page = await svc.tracker.list_tracks(job_state, queue=queue, limit=limit, cursor=cursor)
         return json_response({"tracks": page.tracks, "next_cursor": page.next_cursor})
 
     @get("/metrics", summary="Prometheus metrics", operation_id="metrics",
@@ -315,9 +313,7 @@ def routes(svc: Services) -> list[HTTPRouteHandler]:
     async def get_metrics(request: Request) -> Response[str]:
         svc.authorize_read(request)
         svc.collector.rows = await metrics.partition_stats(svc.tracker)
-        counter = getattr(svc.tracker, "count_tracks", None)  # once the list index can count
-        if counter is not None:
-            svc.collector.by_state = {s: await counter(s) for s in metrics.STATES}
+        svc.collector.by_state = await svc.tracker.count_tracks()
         body: Response[Any] = Response(content=generate_latest(svc.registry),
                                        media_type=CONTENT_TYPE_LATEST)
         return body

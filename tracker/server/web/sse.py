@@ -46,7 +46,7 @@ TERMINAL = frozenset({"success", "dead"})  # a stream ends after sending one of 
 RECHECK_MS = (2, 5, 10, 20, 50, 100, 250, 500, 1000)  # re-reads of an unchanged answer
 # True once AsyncTracker.get folds the log up to its tip (read-your-writes in the core):
 # then the first read after an entry answers it, and no re-reads are needed.
-READS_FOLD_TO_TIP = False
+READS_FOLD_TO_TIP = True
 MAX_PENDING = 10_000  # JIDs a /v1/events subscriber may have waiting before a resync
 REMEMBERED = 100_000  # JIDs whose last pushed state the hub remembers (LRU)
 RETRY = b"retry: 2000\n\n"  # how long EventSource waits before reconnecting
