@@ -56,7 +56,7 @@ from tracker.server.web.app import create_app  # noqa: E402
 from tracker.server.web.config import WebConfig  # noqa: E402
 from tracker.server.web.serve import Server, uvicorn_config  # noqa: E402
 from tracker.status import partition_status  # noqa: E402
-from tracker.store import keys  # noqa: E402
+from tracker.store import keys, packed  # noqa: E402
 from tracker.store.settings import Settings  # noqa: E402
 
 JID = "bench-web-0001"
@@ -295,7 +295,13 @@ def _sse_round(port: int, path: str, d: Any, first: int, updates: int,
         if not parent.poll(60) or parent.recv() != "ready":
             raise RuntimeError(f"the SSE subscribers did not connect (exit {proc.exitcode})")
         t = Tracker(d)
-        snap = keys.snapshot(d.prefix, d.partition(JID), JID)
+        part = d.partition(JID)
+
+        def folded_percent() -> int | None:
+            raw = packed.read_value(d.client, d.prefix, part, JID)
+            track = packed.decode(raw).track if raw else None
+            return track.percent if track else None
+
         pub_at, fold_at = {}, {}
         time.sleep(0.3)
         cpu0 = cpu_seconds(pid)
@@ -303,7 +309,7 @@ def _sse_round(port: int, path: str, d: Any, first: int, updates: int,
             pct = 1 + k % 99  # distinct within a round and from the state before it
             t.set(JID, percent=pct)
             pub_at[pct] = time.monotonic()
-            while d.client.hget(snap, "p") != str(pct).encode():
+            while folded_percent() != pct:
                 pass  # "folded": the snapshot shows it (the projector is its own process)
             fold_at[pct] = time.monotonic()
             time.sleep(0.2)

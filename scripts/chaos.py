@@ -43,7 +43,7 @@ from projections import fold
 from tracker import answer, events
 from tracker.errors import RedisUnavailable
 from tracker.publisher import Publisher
-from tracker.store import keys, streams
+from tracker.store import keys, packed, streams
 from tracker.store.deployment import Deployment
 from tracker.store.embedded import server_binary
 from tracker.store.settings import Settings
@@ -298,7 +298,7 @@ def _xrange_all(client: redis.Redis, key: str, start: str = "-"):
 
 
 def _expected(t) -> dict:
-    """The snapshot hash the projector writes for folded track ``t``."""
+    """The snapshot fields the projector stores for folded track ``t``."""
     return {k.encode(): v.encode() for k, v in (answer.stored_fields(t) or {}).items()
             if v is not None}
 
@@ -327,15 +327,9 @@ def verify(client: redis.Redis, prefix: str, partitions: int, ttl_ms: int,
         tracks = fold(evs, ttl_ms)
         if only is not None:
             tracks = {j: t for j, t in tracks.items() if j in only}
-        gen = int(client.hget(keys.meta(prefix, p), "gen") or 0)  # see tracker/replay.py
-        snap = keys.snapshot_prefix_gen(prefix, p, gen)
-        names = [k.decode()[len(snap):] for k in client.scan_iter(match=snap + "*", count=1000)]
-        if only is not None:
-            names = [j for j in names if j in only]
-        pipe = client.pipeline(transaction=False)
-        for j in names:
-            pipe.hgetall(snap + j)
-        stored = dict(zip(names, pipe.execute()))
+        _, raw = packed.read_all(client, prefix, p)  # the live generation's jobs
+        stored = {j: _expected(packed.decode(v).track) or None for j, v in raw.items()
+                  if only is None or j in only}
         for jid in set(tracks) | set(stored):
             t, row = tracks.get(jid), stored.get(jid)
             if t is not None and t.expires_at <= now and not row:

@@ -4,8 +4,9 @@
 A private redis-server (as scripts/chaos.py), a projector (in this process, so the
 expiry grace can be short: ``tracker project`` has no --grace flag yet), a short
 track TTL, and the log trimmed by ``tracker.retention.trim`` (min retention 60 s).
-Every interval: used_memory, total stream length, snapshot count, and a
-verification of recent jobs against the fold of the retained log.
+Every interval: used_memory, total stream length, stored jobs (the buckets' field
+count: the projector's sweep removes dead ones), and a verification of recent jobs
+against the fold of the retained log.
 
     python scripts/soak.py --minutes 4 --rate 200 --ttl 5
 
@@ -26,6 +27,7 @@ from chaos import PrivateRedis, Producer, log, totals, verify  # noqa: E402
 
 from tracker import retention  # noqa: E402
 from tracker.projector import Projector  # noqa: E402
+from tracker.store import keys  # noqa: E402
 from tracker.store.deployment import Deployment
 from tracker.store.settings import Settings  # noqa: E402
 
@@ -33,9 +35,11 @@ from tracker.store.settings import Settings  # noqa: E402
 def sample(c, prefix: str, parts: int) -> dict:
     t = totals(c, prefix, parts)
     mem = c.info("memory")
-    fixed = 1 + 4 * parts  # config hash; per partition log, dlq, stats, meta (if present)
+    pipe = c.pipeline(transaction=False)
+    for p in range(parts):  # jobs stored in each partition's buckets (the sweep removes them)
+        pipe.hget(keys.meta(prefix, p), "n")
     return {"used_memory": mem["used_memory"], "log": t["log"],
-            "snapshots": max(0, c.dbsize() - fixed), "pending": t["pending"],
+            "snapshots": sum(int(n or 0) for n in pipe.execute()), "pending": t["pending"],
             "lag": t["log"] - t["applied"] - t["dead_lettered"]}
 
 

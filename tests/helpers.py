@@ -1,8 +1,9 @@
 """Helpers shared by the test modules (fixtures live in conftest.py).
 
 - opening deployments on a backend, and deleting exactly what a test made;
-- reading snapshots and the log back, and the sequential Python fold of a log,
-  which every projector test compares against;
+- reading snapshots and the log back (decoding the packed buckets), and the
+  sequential Python fold of a log, which every projector test compares against;
+- ``fake_client()``: a fakeredis with the one Lua builtin it lacks;
 - ``missing(reason)``: a real service the test needs is not there. Locally that
   skips; under CI (``TRACKER_CI=1``) it fails, because CI provides every service.
 """
@@ -10,6 +11,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -24,8 +27,7 @@ from cluster import LocalCluster, binaries
 import projections
 from tracker import events
 from tracker.server.fwp import Limits, Server, pwdhash
-from tracker.store import keys
-from tracker.store.cluster import scan_keys
+from tracker.store import keys, packed
 from tracker.store.deployment import Deployment
 from tracker.store.settings import Settings
 
@@ -54,6 +56,17 @@ def start_cluster(**options) -> LocalCluster:
                            **options}).start()
 
 
+def fake_client() -> fakeredis.FakeRedis:
+    """A fresh fakeredis whose Lua has ``redis.sha1hex`` (every script addresses buckets
+    with it; Redis gives it in C, fakeredis not at all): the same SHA-1, from hashlib."""
+    server = fakeredis.FakeServer()
+    client = fakeredis.FakeRedis(server=server)
+    client.eval("return 1", 0)  # makes the server's Lua runtime
+    runtime = server._lua_runtime  # type: ignore[attr-defined]
+    runtime.globals().redis.sha1hex = lambda s: hashlib.sha1(s).hexdigest().encode()
+    return client
+
+
 def cleanup(client: redis.Redis, prefix: str) -> None:
     """Delete every key of ``prefix`` (partition keys and the config hash), nothing else."""
     for pattern in (f"{{{prefix}:*", f"{prefix}:*"):
@@ -72,7 +85,7 @@ def open_deployment(kind: str, real_redis_url: Optional[str], prefix: str,
     """A deployment on ``kind`` ("fake": a fresh fakeredis; "real", "cluster": the URL)."""
     if kind == "fake":
         s = Settings(redis_url="redis://fakeredis", prefix=prefix, **settings)
-        return Deployment.open(s, client=fakeredis.FakeRedis(), check_version=False)
+        return Deployment.open(s, client=fake_client(), check_version=False)
     return Deployment.open(Settings(redis_url=real_redis_url, prefix=prefix, **settings))
 
 
@@ -107,18 +120,48 @@ def track_fields(t: projections.Track) -> dict:
     return out
 
 
-def read_snapshots(d: Deployment, part: Optional[int] = None) -> dict:
-    """Every snapshot hash of the deployment (or one partition), by JID."""
+def redis_now(client: redis.Redis) -> int:
+    sec, usec = client.time()
+    return int(sec) * 1000 + int(usec) // 1000
+
+
+def read_values(d: Deployment, part: Optional[int] = None) -> dict[str, packed.Value]:
+    """Every stored job of the live generations (or of one partition), decoded, by JID."""
     out = {}
     for p in range(d.partitions) if part is None else [part]:
-        pre = keys.snapshot_prefix(d.prefix, p)
-        gen = d.client.hget(keys.meta(d.prefix, p), "gen")  # a rebuild may have switched
-        if gen and gen != b"0":
-            pre = keys.snapshot_prefix_gen(d.prefix, p, int(gen))
-        raw = pre.encode()
-        for key in scan_keys(d.client, raw + b"*", pre):
-            out[key[len(raw):].decode()] = d.client.hgetall(key)
+        _, raw = packed.read_all(d.client, d.prefix, p)
+        out.update({jid: packed.decode(v) for jid, v in raw.items()})
     return out
+
+
+def read_snapshots(d: Deployment, part: Optional[int] = None) -> dict:
+    """Every stored snapshot (as track_fields) by JID, those the fold still sees: a snapshot
+    stays until its expiry plus the grace (then the projector treats it as gone)."""
+    now = redis_now(d.client)
+    return {jid: track_fields(v.track) for jid, v in read_values(d, part).items()
+            if v.track is not None and v.track.expires_at + d.grace_ms > now}
+
+
+def index_members(d: Deployment, part: int, state: str) -> dict[str, int]:
+    """The state index of the live generation: JID -> update time, over all its pages."""
+    g = packed.geometry(d.client, d.prefix, part)
+    out = {}
+    for key in d.client.scan_iter(match=keys.state_index(d.prefix, part, state, g.gen) + ":*"):
+        out.update({m.decode(): int(s) for m, s in d.client.zrange(key, 0, -1, withscores=True)})
+    return out
+
+
+def job_key(d: Deployment, jid: str) -> tuple[str, str]:
+    """(bucket key, field) of a job in the live generation (for tests that edit storage)."""
+    part = d.partition(jid)
+    g = packed.geometry(d.client, d.prefix, part)
+    return keys.bucket(d.prefix, part, g.gen, g.address(jid)), jid
+
+
+def read_history(d: Deployment, jid: str) -> list[str]:
+    """The entry IDs in a job's stored history index, oldest first (visible or not)."""
+    raw = packed.read_value(d.client, d.prefix, d.partition(jid), jid)
+    return [packed.entry_id(e) for e in reversed(packed.decode(raw).entries)] if raw else []
 
 
 def read_log(d: Deployment):
@@ -229,3 +272,69 @@ class Raw:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# ------------------------------------------------------------------ ACL roles
+def _reader(p: str) -> list[str]:
+    # get.lua names the log and meta keys (EVALSHA needs full rights on declared keys) and
+    # reads the buckets (HGET) and overflow strings (GET) it finds from them; list reads
+    # the state index, history the log.
+    return ["+hello", "+info", "+evalsha", "+script|load", "+hmget", "+hget", "+time", "+get",
+            "+xrange", "+xrevrange", "+zrevrangebyscore", f"~{{{p}:*}}:log", f"~{{{p}:*}}:meta",
+            f"~{{{p}:*}}:fence", f"%R~{{{p}:*}}:b*", f"%R~{{{p}:*}}:v*", f"%R~{{{p}:*}}:s*",
+            f"%R~{p}:config"]
+
+
+def acl_roles(p: str) -> dict[str, list[str]]:
+    """The ACL rules per role for prefix ``p`` (commands, then key patterns), as the
+    README's least-privilege section lists them."""
+    return {
+        # XADD to the partition logs; Deployment.open reads the version and partitions.
+        "producer": ["+hello", "+info", "+hmget", "+xadd", f"~{{{p}:*}}:log", f"%R~{p}:config"],
+        # Its group, buckets and overflow strings, DLQ, stats, periodic trim and sweep.
+        "projector": ["+hello", "+info", "+hget", "+hset", "+evalsha", "+script|load",
+                      "+script|exists", "+xgroup|create", "+xgroup|delconsumer", "+xread",
+                      "+xreadgroup", "+xpending", "+xautoclaim", "+xack", "+xadd", "+xrange",
+                      "+xrevrange", "+xinfo|groups", "+xtrim", "+hgetall", "+hmget", "+hdel",
+                      "+hincrby", "+del", "+pexpireat", "+pexpire", "+pttl", "+object|encoding",
+                      "+get", "+set", "+exists", "+time", "+zadd", "+zrem", "+zremrangebyscore",
+                      "+zrevrange", "+zcard", "+zrangebyscore", "+zrevrangebyscore", "+zrange",
+                      f"~{{{p}:*", f"~{p}:config"],
+        "reader": _reader(p),
+        # tracker serve --upstream: a reader that appends the events it sees and keeps
+        # the small record of each tracked job it saw fetched ({p}:f:<jid>).
+        "proxy": _reader(p) + ["+xadd", "+set", "+getdel", f"~{{{p}:*}}:f:*"],
+        # tracker web: a reader that appends TRACK SETs, tails the logs for SSE, counts
+        # tracks by state and reads each partition's figures for /metrics (its stats hash is
+        # within the reader's :s*).
+        "web": _reader(p) + ["+xadd", "+xread", "+xinfo|stream", "+xinfo|groups", "+xlen",
+                             "+zrevrange", "+zcard", "+zcount", f"%R~{{{p}:*}}:dlq"],
+    }
+
+
+@contextlib.contextmanager
+def acl_users(url: str, prefix: str):
+    """``user(role) -> URL`` for ACL users of ``acl_roles(prefix)`` on the Redis at ``url``
+    (an admin's), deleted at the end; ``user(role, rules)`` for other rules."""
+    admin = redis.Redis.from_url(url)
+    password = "pw-" + hashlib.sha1(os.urandom(16)).hexdigest()
+    made: list[str] = []
+
+    def user(role: str, rules: Optional[list[str]] = None) -> str:
+        rules = acl_roles(prefix)[role] if rules is None else rules
+        name = f"{prefix}-{role}-{len(made)}"
+        admin.acl_setuser(name, enabled=True, passwords=[f"+{password}"], reset_keys=True,
+                          reset_channels=True, commands=["-@all"] +
+                          [r for r in rules if r[0] in "+-"],
+                          keys=[r for r in rules if r[0] not in "+-"])
+        made.append(name)
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://{name}:{password}@{rest.split('@')[-1]}"
+
+    user.password = password  # type: ignore[attr-defined]
+    try:
+        yield user
+    finally:
+        for name in made:
+            admin.acl_deluser(name)
+        admin.close()

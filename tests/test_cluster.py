@@ -16,10 +16,11 @@ import threading
 import time
 import uuid
 
+import msgspec
 import pytest
 import redis
 from fake_faktory import FakeFaktory
-from helpers import Raw, Running, expected_snapshots, read_snapshots, start_cluster, wipe
+from helpers import Raw, Running, expected_snapshots, job_key, read_snapshots, start_cluster, wipe
 from redis.exceptions import ClusterDownError, ClusterError, TryAgainError
 from test_proxy import Proxy, Wire, job, new_jid
 
@@ -30,7 +31,7 @@ from tracker.errors import ConfigError, NotDurable
 from tracker.projector import Projector
 from tracker.publisher import Publisher
 from tracker.query import Tracker
-from tracker.store import keys
+from tracker.store import keys, packed
 from tracker.store.cluster import AsyncClusterClient, ClusterClient
 from tracker.store.connection import create_async_client, create_client
 from tracker.store.deployment import Deployment
@@ -200,8 +201,10 @@ def test_every_interface_on_the_cluster(cl, dep, capsys, monkeypatch, tmp_path):
     assert code == 1 and "0 retried, 1 skipped" in err
     assert run("dlq", "purge", "--yes")[0] == 0
     # tamper, verify finds it, replay repairs it
-    part = d.partition("job-7")
-    d.client.hset(keys.snapshot(prefix, part, "job-7"), "p", "55")
+    key, field = job_key(d, "job-7")
+    value = packed.decode(d.client.hget(key, field))
+    d.client.hset(key, field, packed.encode(msgspec.structs.replace(value.track, percent=55),
+                                            value.entries))
     code, out, _ = run("replay", "--verify")
     assert code == 1 and "1 different" in out
     code, out, _ = run("replay")

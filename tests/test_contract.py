@@ -12,7 +12,7 @@ import re
 import time
 
 import pytest
-from helpers import cleanup, round_trips
+from helpers import cleanup, read_snapshots, round_trips
 from redis.connection import AbstractConnection
 
 from tracker import events
@@ -207,8 +207,7 @@ def test_a_long_reservation_keeps_the_snapshot_alive(pub, tracker, projector, de
     at = _working(pub, tracker, projector, "long", reserve_for=600)
     entry_id = tracker.set("long", reserve_until=utc(at + 7_200_000))
     projector.drain()
-    snap = deployment.client.hgetall(keys.snapshot(deployment.prefix,
-                                                   deployment.partition("long"), "long"))
+    snap = read_snapshots(deployment)["long"]
     assert int(snap[b"x"]) == at + 7_200_000 + deployment.ttl_ms
     assert int(snap[b"u"]) == ms_of(entry_id)
 

@@ -19,7 +19,7 @@ import time
 import uuid
 
 import pytest
-from helpers import expected_snapshots, read_log, read_snapshots, wipe
+from helpers import expected_snapshots, job_key, read_log, read_snapshots, wipe
 
 from tracker import events
 from tracker.projector import Projector
@@ -227,9 +227,8 @@ def test_a_hand_edited_snapshot_does_not_stall_the_partition(crash_env):
     pub, proj = Publisher(d), Projector(d, consumer="edit")
     pub.enqueued("edited", custom={"track": 1})
     proj.drain()
-    key = keys.snapshot(d.prefix, d.partition("edited"), "edited")
-    d.client.delete(key)
-    d.client.hset(key, "p", "77")  # not a snapshot tracker wrote: no state, no times
+    key, field = job_key(d, "edited")
+    d.client.hset(key, field, b"\x07p=77")  # not a value tracker wrote: no state, no times
     pub.enqueued("edited", custom={"track": 1})
     pub.success("edited")
     proj.drain()

@@ -17,7 +17,7 @@ import textwrap
 import time
 
 import pytest
-from helpers import cleanup, missing, open_real
+from helpers import cleanup, missing, open_real, read_snapshots
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -180,7 +180,7 @@ def test_retry_reappends_fixed_entries_and_removes_them(d1):
     assert [e[1] for e in log] == [{b"t": b"enqueued", b"j": b"J9", b"k": b"1"}]
     assert [dl.dlq_id for dl in dead.list_dead(d1)] == [still]
     Projector(d1, consumer="t").drain()
-    assert d1.client.hget(keys.snapshot(d1.prefix, 0, "J9"), "s") == b"enqueued"
+    assert read_snapshots(d1)["J9"][b"s"] == b"enqueued"
     # --force re-appends anyway; the projector refuses it again, with a fresh dead letter.
     res = dead.retry(d1, [still], force=True)
     assert len(res.retried) == 1

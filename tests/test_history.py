@@ -7,6 +7,7 @@ import time
 
 import pytest
 from click.testing import CliRunner
+from helpers import read_history
 
 from tracker import events
 from tracker.answer import unknown
@@ -16,7 +17,7 @@ from tracker.history import history, track_at
 from tracker.projector import Projector
 from tracker.publisher import Publisher
 from tracker.query import Tracker
-from tracker.store import keys
+from tracker.store import packed
 from tracker.times import format_ms, id_ms, parse_when
 
 
@@ -53,10 +54,10 @@ def test_history_complete_ordered_and_outlives_the_track(backend):
     assert h.entries[3].as_json()["fields"] == {"errtype": "IOError", "message": "disk"}
     assert h.entries[0].as_json()["fields"] == {"track": True, "queue": "q", "jobtype": "T",
                                                 "reserve_for": 600}
-    index = keys.history(d.prefix, d.partition("job"), "job")
-    assert d.client.strlen(index) == 10 * len(ids)  # 10 bytes per event
+    assert read_history(d, "job") == ids  # kept in the job's value, beside its snapshot:
+    assert len(packed.read_value(d.client, d.prefix, d.partition("job"), "job")) <= packed.CAP
     assert history(d, "ghost").entries == []
-    assert not d.client.exists(keys.history(d.prefix, d.partition("ghost"), "ghost"))
+    assert packed.read_value(d.client, d.prefix, d.partition("ghost"), "ghost") is None
 
 
 def test_get_at_every_event_boundary(backend):

@@ -100,21 +100,21 @@ def test_expired_tracks_are_not_listed_and_are_swept(backend):
     assert t.list_tracks("success").tracks == []
     swept = sum(r.swept for r in retention.trim(d, 7 * 86_400_000))
     assert swept == 4
-    assert not any(d.client.exists(keys.state_index(d.prefix, p, "success"))
-                   for p in range(d.partitions))
+    assert not [k for p in range(d.partitions) for k in d.client.scan_iter(
+        match=keys.state_index(d.prefix, p, "success") + "*")]
 
 
 def test_replay_rebuilds_the_index(tracker):
     d = tracker.deployment
     _jobs(tracker, 20, prefix="r")
     Projector(d, consumer="p").drain()
-    for p in range(d.partitions):
-        d.client.delete(keys.state_index(d.prefix, p, "working"))
+    for p in range(d.partitions):  # its directory and pages
+        replay.unlink_prefix(d.client, keys.state_index(d.prefix, p, "working"))
     assert tracker.list_tracks("working").tracks == []
     replay.rebuild(d)
     assert len(_all_pages(tracker, "working")) == 20
     old = [keys.state_index(d.prefix, p, "working") for p in range(d.partitions)]
-    assert not any(d.client.exists(k) for k in old)  # generation 0's index is gone
+    assert not [k for o in old for k in d.client.scan_iter(match=o + "*")]  # gen 0's is gone
 
 
 def test_async_list_matches_sync(real_deployment):
@@ -152,3 +152,39 @@ def test_count_tracks_per_state(tracker):
     tracker.settle(range(tracker.deployment.partitions))
     assert tracker.count_tracks() == {"enqueued": 0, "working": 6, "success": 2, "failed": 0,
                                       "dead": 0}
+
+
+def test_index_pages_split_keep_order_and_are_swept(backend):
+    """Hundreds of tracks in one state of one partition: the index splits into pages of at
+    most 120 (listpacks), on time boundaries; listing across pages keeps the exact order,
+    ties included; trimming expired tracks removes whole pages."""
+    d = backend(partitions=1, ttl=1800)
+    t = Tracker(d)
+    stream = keys.stream(d.prefix, 0)
+    now = int(time.time() * 1000)
+    pipe = d.client.pipeline(transaction=False)
+    for i in range(300):  # hours old: expired
+        pipe.xadd(stream, {"t": "enqueued", "j": f"old{i}", "k": "1"}, id=f"{now - 7_200_000 + i}-0")
+        pipe.xadd(stream, {"t": "success", "j": f"old{i}"}, id=f"{now - 7_200_000 + i}-1")
+    want = []
+    for i in range(700):  # times now-700ms.., five JIDs per millisecond
+        ms, seq = now - 700 + i // 5, i % 5
+        pipe.xadd(stream, {"t": "enqueued", "j": f"p{i:03d}", "k": "1"}, id=f"{ms}-{seq}")
+        want.append((ms, f"p{i:03d}"))
+    pipe.execute()
+    Projector(d, consumer="p").drain()
+    got = [(a["updated_at"], a["jid"]) for a in _all_pages(t, "enqueued", limit=7)]
+    assert [j for _, j in got] == [j for _, j in sorted(want, reverse=True)]
+    pages = list(d.client.scan_iter(match=keys.state_index(d.prefix, 0, "enqueued") + ":*"))
+    assert len(pages) >= 6
+    sizes = [d.client.zcard(p) for p in pages]
+    assert sum(sizes) == 700 and max(sizes) <= 120
+    if backend.kind == "real":
+        assert {d.client.object("encoding", p) for p in pages} <= {b"listpack", b"ziplist"}
+    times = [{int(s) for _, s in d.client.zrange(p, 0, -1, withscores=True)} for p in pages]
+    assert sum(len(x) for x in times) == len(set().union(*times))  # no ms over two pages
+    assert len(list(d.client.scan_iter(match=keys.state_index(d.prefix, 0, "success") + "*"))) > 2
+    assert t.list_tracks("success").tracks == []  # expired: never listed
+    assert sum(r.swept for r in retention.trim(d, 7 * 86_400_000)) == 300
+    assert not list(d.client.scan_iter(match=keys.state_index(d.prefix, 0, "success") + "*"))
+    assert len(_all_pages(t, "enqueued", limit=100)) == 700

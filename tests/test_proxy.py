@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from fake_faktory import FakeFaktory, pwdhash
-from helpers import cleanup, missing, read_log
+from helpers import acl_users, cleanup, missing, read_log
 from pyfaktory import Client, Producer
 from pyfaktory.models import Job
 
@@ -909,3 +909,36 @@ def test_real_faktory(real_faktory, proxied, real_deployment):
     assert c.cmd(b"TRACK GET") == b"-ERR jid: must not be empty"
     assert c.cmd(b"BATCH STATUS b-1") == \
         b"-ERR batch subsystem is only available in Faktory Enterprise"
+
+
+# ------------------------------------------------------------ least privilege
+def test_the_proxy_works_with_the_proxy_role(fake, real_redis_url, real_deployment):
+    """The README's proxy user: PUSH, FETCH, TRACK SET and GET through a proxy that
+    connects as it, and the ACK through another (which learns from Redis what the first
+    saw fetched); the events reach the log and TRACK GET answers the fold."""
+    d = real_deployment
+    with acl_users(real_redis_url, d.prefix) as user:
+        acl = Deployment.open(Settings(redis_url=user("proxy"), prefix=d.prefix))
+        one, two = (Proxy(acl, f"tcp://127.0.0.1:{fake.port}") for _ in range(2))
+        RUNNING.extend((one, two))
+        try:
+            c, other = Wire(one.port), Wire(two.port)
+            assert c.hello() == b"+OK" and other.hello() == b"+OK"
+            jid = new_jid("acl")
+            assert c.cmd(b"PUSH " + job(jid)) == b"+OK"
+            fetched = c.cmd(b"FETCH q")
+            assert json.loads(fetched)["jid"] == jid, fetched
+            assert c.cmd(b'TRACK SET {"jid":"%s","percent":30,"desc":"acl"}' % jid.encode()) \
+                == b"+OK"
+            drain(d)  # the proxy user cannot fold: a read waits for the projector
+            assert c.track(jid)["percent"] == 30
+            assert other.cmd(b'ACK {"jid":"%s"}' % jid.encode()) == b"+OK"
+            drain(d)
+            assert kinds(d, jid) == ["enqueued", "working", "trackset", "success"]
+            done = other.track(jid)
+            assert done["state"] == "success" and done["percent"] == 30, done
+        finally:
+            for p in (one, two):
+                RUNNING.remove(p)
+                p.stop()
+            acl.close()

@@ -6,14 +6,16 @@ import time
 
 import pytest
 from click.testing import CliRunner
+from helpers import index_members, job_key, read_history, read_values
 
-from tracker import retention
+from tracker import events, retention
 from tracker.cli import cli
 from tracker.errors import ValidationError
 from tracker.history import history
 from tracker.projector import Projector
 from tracker.publisher import Publisher
-from tracker.store import keys
+from tracker.query import Tracker
+from tracker.store import keys, packed
 
 
 def old_entries(d, n, hours_ago=3):
@@ -79,21 +81,84 @@ def test_trim_by_age_and_rebuild_position(deployment):
     assert d.client.hget(keys.config(d.prefix), "retention") == b"3600000"
 
 
-def test_history_index_expires_with_the_window(real_deployment):
-    d = real_deployment
+def test_history_index_expires_with_the_window(backend):
+    d = backend(partitions=2)
     retention.trim(d, 2 * 3_600_000)  # stores the window for the projector's scripts
     pub = Publisher(d)
     last = pub.enqueued("w", {"track": 1})
     Projector(d, consumer="c").drain()
-    index = keys.history(d.prefix, d.partition("w"), "w")
-    ttl = d.client.pttl(index)
-    expected = int(last.split("-")[0]) + 2 * 3_600_000 - int(time.time() * 1000)
-    assert abs(ttl - expected) < 5_000
+    # The job's bucket outlives its newest entry by the window (rounded up to the hour).
+    ttl = d.client.pttl(job_key(d, "w")[0])
+    dead = int(last.split("-")[0]) + 2 * 3_600_000 - int(time.time() * 1000)
+    assert dead + 3_600_000 - 5_000 < ttl < dead + 2 * 3_600_000 + 5_000
     # Past retention the entries go; the index says so instead of inventing them.
     stream = keys.stream(d.prefix, d.partition("w"))
     d.client.xtrim(stream, minid="99999999999999-0", approximate=False)
     h = history(d, "w")
     assert h.entries == [] and h.trimmed == [last]
+    # Past the window the index itself answers as gone, swept or not.
+    retention.trim(d, 500)
+    time.sleep(0.6)
+    assert history(d, "w").trimmed == [] and read_history(d, "w") == [last]
+
+
+def test_sweep_strips_expired_snapshots_then_deletes_dead_jobs(backend):
+    d = backend(partitions=1, ttl=1, grace=0)
+    pub, t = Publisher(d), Tracker(d)
+    jids = [f"s{i}" for i in range(100)]
+    with pub.batch() as b:
+        for jid in jids:
+            b.enqueued(jid, {"track": 1}, queue="q")
+            b.add(events.make_trackset(jid, 5, "a desc that takes some bytes"))
+    pub.enqueued("x" * 100, {"track": 1})  # a long JID: its overflow string alone
+    Projector(d, consumer="c").drain()
+    meta = keys.meta(d.prefix, 0)
+    assert int(d.client.hget(meta, "n")) == 100
+    assert len(index_members(d, 0, "enqueued")) == 101
+    before = sum(len(v) for v in packed.read_all(d.client, d.prefix, 0)[1].values())
+    time.sleep(1.1)  # every snapshot has expired for good (x + grace), no history has
+    done = retention.sweep_all(d)
+    assert (done[0].looked, done[0].deleted, done[0].stripped) == (100, 0, 100)
+    values = read_values(d)
+    assert all(values[j].track is None and len(values[j].entries) == 2 for j in jids)
+    assert sum(len(packed.read_all(d.client, d.prefix, 0)[1][j]) for j in jids) < before / 2
+    assert list(index_members(d, 0, "enqueued")) == ["x" * 100]  # the long JID's
+    assert t.get("s1")["state"] == "unknown" and len(history(d, "s1").entries) == 2
+    retention.trim(d, 1000)  # now past the window as well: dead
+    done = retention.sweep_all(d)
+    assert (done[0].deleted, int(d.client.hget(meta, "n"))) == (100, 0)
+    assert set(read_values(d)) == {"x" * 100}
+    assert not list(d.client.scan_iter(match=keys.bucket_prefix(d.prefix, 0) + "*"))
+
+
+def test_sweep_rewrites_a_converted_bucket_as_a_listpack(real_deployment):
+    d = real_deployment
+    pub = Publisher(d)
+    pub.enqueued("conv", {"track": 1})
+    Projector(d, consumer="c").drain()
+    key, _ = job_key(d, "conv")
+    d.client.hset(key, "junk", "x" * 100)  # a hand edit: over the listpack value limit
+    d.client.hdel(key, "junk")
+    assert d.client.object("encoding", key) == b"hashtable"  # conversion is one-way ...
+    done = retention.sweep_all(d, partition=d.partition("conv"))
+    assert done[0].healed == 1  # ... until the sweep rewrites it
+    assert d.client.object("encoding", key) in (b"listpack", b"ziplist")
+    assert d.client.pttl(key) > 0 and Tracker(d).get("conv")["state"] == "enqueued"
+
+
+def test_sweep_pace(deployment):
+    """Each partition is owed buckets in proportion to the time passed: all of them once
+    per sweep period."""
+    week = 7 * 86_400_000
+    assert retention.sweep_period(week) == 600.0 and retention.sweep_period(60_000) == 6.0
+    sweeper = retention.Sweeper(deployment)
+    assert sweeper.tick(week) == 4  # the first tick learns each partition's size (1 bucket)
+    sweeper.last -= 300  # half a period later: half a bucket owed each, no call yet
+    assert sweeper.tick(week) == 0
+    sweeper.last -= 300
+    assert sweeper.tick(week) == 4
+    sweeper.last -= 3000  # a long pause owes no more than one whole pass
+    assert sweeper.tick(week) == 4
 
 
 def test_keeper_and_cli(real_deployment, real_redis_url, monkeypatch):

@@ -307,11 +307,16 @@ def _reserve(value: Any) -> Optional[int]:
     return clamp_reserve(value)
 
 
+def is_name(value: Any) -> bool:
+    """Whether ``value`` may be a queue or job type: printable, at most MAX_NAME bytes."""
+    return (isinstance(value, str) and value.isprintable()
+            and len(value.encode("utf-8", "surrogatepass")) <= MAX_NAME)
+
+
 def _name(field: str, value: Any) -> Optional[str]:
     if value is None:
         return None
-    if (not isinstance(value, str) or not value.isprintable()
-            or len(value.encode("utf-8", "surrogatepass")) > MAX_NAME):
+    if not is_name(value):
         raise ValidationError(field, f"expected printable text of at most {MAX_NAME} bytes")
     return value
 

@@ -1,10 +1,11 @@
 """One job's past: ``tracker history`` and ``tracker get --at``.
 
 The projector appends each entry that met or made a track to the job's history
-index (``{p}:h:<jid>``, 10 bytes per entry, in the same atomic step as the fold;
-see ``tracker/store/lua/snapshot.lua``), so a job's history costs one script call and
-one XRANGE per event of that job, however long the log. The index expires
-retention after the job's newest entry: history outlives the track itself.
+index, kept in the job's stored value beside its snapshot (2-5 bytes per entry,
+in the same atomic step as the fold; see ``tracker/store/lua/packed.lua``), so a
+job's history costs one script call and one XRANGE per event of that job, however
+long the log. The index is visible until retention after the job's newest entry:
+history outlives the track itself.
 ``--at`` folds those entries with ``projections.track``, the one fold.
 """
 
@@ -21,12 +22,6 @@ from tracker.errors import TrackerError
 from tracker.store import keys, scripts
 from tracker.store.deployment import Deployment
 from tracker.times import format_ms, id_ms, parse_when
-
-
-def unpack_ids(blob: bytes) -> list[str]:
-    """History index bytes -> entry IDs (6 bytes ms + 4 bytes seq, big-endian)."""
-    return [f"{int.from_bytes(blob[i:i + 6], 'big')}-{int.from_bytes(blob[i + 6:i + 10], 'big')}"
-            for i in range(0, len(blob) - 9, 10)]
 
 
 def redis_now_ms(d: Deployment) -> int:
@@ -83,19 +78,24 @@ class History:
     trimmed: list[str]  # IDs of the job's entries the index names but retention removed
 
 
+def history_call(prefix: str, part: int, jid: str) -> scripts.Call:
+    """history.lua's KEYS and ARGV for one job (the sync and the asyncio face share it)."""
+    return ([keys.stream(prefix, part), keys.meta(prefix, part), keys.fence(prefix, part)],
+            [keys.snapshot_prefix(prefix, part), jid])
+
+
+def from_reply(jid: str, reply: list) -> History:
+    """history.lua's reply as a History."""
+    entries = [to_entry(item[0], dict(zip(item[1][::2], item[1][1::2]))) for item in reply[2:]]
+    return History(jid, entries, [i.decode() for i in reply[1]])
+
+
 def history(d: Deployment, jid: str) -> History:
     """The job's events in log order, from its index: one round trip."""
     events.check_jid(jid)
-    part = d.partition(jid)
     with d.errors():
-        reply = scripts.call(d.client, "history", [keys.stream(d.prefix, part),
-                                                   keys.history(d.prefix, part, jid),
-                                                   keys.fence(d.prefix, part)])
-    entries = []
-    for item in reply[2:]:
-        eid, flat = item[0], item[1]
-        entries.append(to_entry(eid, dict(zip(flat[::2], flat[1::2]))))
-    return History(jid, entries, [i.decode() for i in reply[1]])
+        reply = scripts.call(d.client, "history", *history_call(d.prefix, d.partition(jid), jid))
+    return from_reply(jid, reply)
 
 
 def fold_history(h: History, at_ms: int, ttl_ms: int) -> Optional[fold_mod.Track]:

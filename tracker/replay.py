@@ -1,18 +1,20 @@
-"""Rebuild every snapshot from the log (``tracker replay``) and audit them (``--verify``).
+"""Rebuild everything derived from the log (``tracker replay``) and audit it (``--verify``).
 
 Rebuild, per partition, while projectors and producers run (``tracker/store/lua/replay.lua``
-holds the argument): fold the log inside Redis, with the fold and snapshot code the
-live projector uses, into snapshot keys of a new generation; follow the live
-projector's position; then fold the last few entries and flip ``{p}:meta gen`` in one
-script. Readers and the projector read the generation inside their own scripts, so
-they see the old or the new generation, never a mix or a gap. Old-generation keys
-are unlinked after the switch (they would expire anyway, but a fold change can
-leave them up to a day). Only one rebuild per partition runs at a time (a lock
-with a TTL in ``{p}:replay``; trimming waits behind its position).
+holds the argument): fold the log inside Redis, with the fold and storage code the
+live projector uses, into the buckets of a new generation (snapshots, history indexes
+and the state index at once); follow the live projector's position; then fold the last
+few entries and flip ``{p}:meta geo`` (generation and geometry) in one script.
+Readers and the projector read the generation inside their own scripts, so they see
+the old or the new generation, never a mix or a gap. Old-generation keys are unlinked
+after the switch (their buckets would expire only after the history's retention).
+Only one rebuild per partition runs at a time (a lock with a TTL in ``{p}:replay``;
+trimming waits behind its position).
 
 Verify folds the log in Python (``projections.track``) and compares it with the live
-snapshots read in the same script call as the applied position, so a projector
-running meanwhile causes no false alarms.
+values (snapshot and history index, decoded by ``tracker.store.packed``) read in the same
+script call as the applied position, so a projector running meanwhile causes no false
+alarms.
 """
 
 from __future__ import annotations
@@ -27,11 +29,10 @@ import redis
 from projections import track as fold_mod
 from tracker import answer, events, retention
 from tracker.errors import TrackerError
-from tracker.history import unpack_ids
-from tracker.store import cluster, keys, scripts, streams
+from tracker.store import cluster, keys, packed, scripts, streams
 from tracker.store.deployment import Deployment
 from tracker.store.scripts import LIMITS
-from tracker.times import id_key, id_ms
+from tracker.times import id_key
 
 HOLD_MS = 600_000  # a partition's rebuild must switch within this (see replay.lua)
 LOCK_MS = 600_000  # a rebuild that made no progress this long loses its lock
@@ -75,13 +76,23 @@ def never_trimmed(client: redis.Redis, stream: str) -> bool:
     return added is not None and int(added) == int(info.get("length", -1))
 
 
-def unlink_prefix(client: redis.Redis, prefix: str) -> int:
-    """UNLINK every key starting with ``prefix`` (one partition's, by its hash tag: on a
-    cluster the scan asks only the node serving that partition)."""
-    pattern = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
+def _pattern(prefix: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
+
+
+def unlink_prefix(client: redis.Redis, prefix: str, *more: str) -> int:
+    """UNLINK every key starting with ``prefix`` or one of ``more``: one SCAN for the
+    longest common start of them all (a partition's keys share its hash tag)."""
+    wanted = (prefix, *more)
+    common = wanted[0]
+    for w in wanted[1:]:
+        while not w.startswith(common):
+            common = common[:-1]
+    raw = tuple(w.encode() for w in wanted)
     n, batch = 0, []
-    for key in cluster.scan_keys(client, pattern, prefix):
-        batch.append(key)
+    for key in cluster.scan_keys(client, _pattern(common), common):
+        if key.startswith(raw):
+            batch.append(key)
         if len(batch) >= 500:
             n += client.unlink(*batch)
             batch = []
@@ -90,10 +101,15 @@ def unlink_prefix(client: redis.Redis, prefix: str) -> int:
     return n
 
 
-def unlink_generation(d: Deployment, part: int, gen: int) -> int:
-    """UNLINK a snapshot generation of one partition: its snapshots and state indexes."""
-    return (unlink_prefix(d.client, keys.snapshot_prefix_gen(d.prefix, part, gen))
-            + unlink_prefix(d.client, keys.state_index_prefix(d.prefix, part, gen)))
+def unlink_generation(d: Deployment, part: int, gen: int, legacy: bool = False) -> int:
+    """UNLINK a generation of one partition: its buckets, overflow strings and state
+    indexes (with ``legacy``, the keys of the layout before buckets too: an upgrade's
+    first rebuild took over what it needed of them)."""
+    p = d.prefix
+    more = keys.legacy_prefixes(p, part, gen) if legacy else ()
+    return unlink_prefix(d.client, keys.bucket_prefix(p, part, gen),
+                         keys.overflow_prefix(p, part, gen), keys.state_index_prefix(p, part, gen),
+                         *more)
 
 
 def _check_retention(d: Deployment, part: int) -> None:
@@ -140,7 +156,7 @@ def rebuild_partition(d: Deployment, part: int, progress: Progress = None, chunk
     if progress and folded + poisoned:
         progress(folded + poisoned)
     if unlink_old:
-        out.unlinked = unlink_generation(d, part, out.old_gen)
+        out.unlinked = unlink_generation(d, part, out.old_gen, legacy=True)
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -197,12 +213,16 @@ class Verified:
 
 
 class _Folder:
-    """Folds one partition's log forward to a given (growing) position."""
+    """Folds one partition's log forward to a given (growing) position: the tracks, and
+    the history index each job would have (snapshot.lua's rules: every event that met or
+    made a live track; a history restarts after a gap of retention)."""
 
-    def __init__(self, d: Deployment, part: int, progress: Progress):
+    def __init__(self, d: Deployment, part: int, progress: Progress, retention_ms: int):
         self.d, self.stream, self.progress = d, keys.stream(d.prefix, part), progress
+        self.retention = retention_ms
         self.pos: Optional[str] = None
         self.tracks: dict[str, fold_mod.Track] = {}
+        self.history: dict[str, list[packed.Entry]] = {}  # oldest first
         self.starts: dict[str, bool] = {}  # jid -> its first entry here is a tracked enqueued
 
     def advance(self, to: str) -> None:
@@ -217,25 +237,68 @@ class _Folder:
                     continue
                 if ev.jid not in self.starts:
                     self.starts[ev.jid] = isinstance(ev, events.Enqueued) and ev.track
-                new = fold_mod.apply(self.tracks.get(ev.jid), ev, id_ms(eid), self.d.ttl_ms)
+                entry = packed.parse_id(eid.decode())
+                new = fold_mod.apply(self.tracks.get(ev.jid), ev, entry[0], self.d.ttl_ms)
                 if new is None:
                     self.tracks.pop(ev.jid, None)
-                else:
-                    self.tracks[ev.jid] = new
+                    continue
+                self.tracks[ev.jid] = new
+                hist = self.history.setdefault(ev.jid, [])
+                if hist and hist[-1][0] + self.retention <= entry[0]:
+                    hist.clear()
+                hist.append(entry)
             self.pos = got[-1][0].decode()
             if self.progress:
                 self.progress(len(got))
 
 
+def _visible(entries: list[packed.Entry], now: int, retention: int) -> list[str]:
+    """A history (oldest first) as readers see it: entry IDs, none once past retention."""
+    if not entries or max(e[0] for e in entries) + retention <= now:
+        return []
+    return [packed.entry_id(e) for e in entries]
+
+
+def _compare(jid: str, part: int, live, folder: _Folder, now: int, first: str,
+             trimmed: bool, out: Verified) -> None:
+    """One job: its live value (raw) against the fold of the log."""
+    try:
+        value = packed.decode(live) if live else packed.Value(None, [])
+    except ValueError:
+        value = packed.Value(None, [])
+    stored = value.track if value.track is not None and value.track.expires_at > now else None
+    track = folder.tracks.get(jid)
+    have = answer.stored_fields(stored)
+    want = answer.stored_fields(track if track is not None and track.expires_at > now else None)
+    have_h = _visible(value.entries[::-1], now, folder.retention)
+    want_h = _visible(folder.history.get(jid, []), now, folder.retention)
+    if have is None and want is None and not have_h and not want_h:
+        return
+    out.checked += 1
+    if value.entries and first and id_key(packed.entry_id(value.entries[-1])) < id_key(first):
+        out.cannot_verify.append((jid, "its first events were trimmed from the log"))
+    elif trimmed and not value.entries and not folder.starts.get(jid):
+        out.cannot_verify.append((jid, "no history index and the log does not hold "
+                                       "its beginning"))
+    elif have == want and have_h == want_h:
+        out.equal += 1
+    else:
+        have, want = have or {}, want or {}
+        diff = {answer.FIELD_NAMES[f]: (have.get(f), want.get(f)) for f in "spdurxq"
+                if have.get(f) != want.get(f)}
+        if have_h != want_h:
+            diff["history"] = (have_h, want_h)
+        out.different.append(Difference(jid, part, diff))
+
+
 def verify_partition(d: Deployment, part: int, out: Verified, progress: Progress = None) -> None:
     head = _call(d, part, "read")
-    gen, fin = head[1].decode(), head[2].decode()
+    gen, fin, retention_ms = head[1].decode(), head[2].decode(), int(head[4])
     trimmed = not never_trimmed(d.client, keys.stream(d.prefix, part))
-    folder = _Folder(d, part, progress)
+    folder = _Folder(d, part, progress, retention_ms)
     folder.advance(fin)
-    snaps = keys.snapshot_prefix_gen(d.prefix, part, int(gen))
-    live = {k.decode()[len(snaps):] for k in cluster.scan_keys(d.client, snaps + "*", snaps)}
-    jids = sorted(live | set(folder.tracks))
+    _, stored = packed.read_all(d.client, d.prefix, part)
+    jids = sorted(set(stored) | set(folder.tracks) | set(folder.history))
     for i in range(0, len(jids), 500):
         batch = jids[i:i + 500]
         reply = _call(d, part, "read", jids=batch)
@@ -244,28 +307,8 @@ def verify_partition(d: Deployment, part: int, out: Verified, progress: Progress
             raise TrackerError(f"partition {part}: a rebuild switched generations during "
                                "--verify; run it again")
         folder.advance(fin)  # the projector moved on: fold up to where these rows stand
-        for j, jid in enumerate(batch):
-            row = [v.decode() if v is not None else None for v in reply[4 + 2 * j]]
-            index_head = reply[5 + 2 * j]
-            alive = row[0] is not None and row[5] is not None and int(row[5]) > now
-            have = dict(zip("spdurxq", row)) if alive else None
-            track = folder.tracks.get(jid)
-            want = answer.stored_fields(track if track is not None and track.expires_at > now else None)
-            if have is None and want is None:
-                continue
-            out.checked += 1
-            if len(index_head) == 10 and first and id_key(unpack_ids(index_head)[0]) < id_key(first):
-                out.cannot_verify.append((jid, "its first events were trimmed from the log"))
-            elif trimmed and len(index_head) < 10 and not folder.starts.get(jid):
-                out.cannot_verify.append((jid, "no history index and the log does not hold "
-                                               "its beginning"))
-            elif have == want:
-                out.equal += 1
-            else:
-                have, want = have or {}, want or {}
-                diff = {answer.FIELD_NAMES[f]: (have.get(f), want.get(f)) for f in "spdurxq"
-                        if have.get(f) != want.get(f)}
-                out.different.append(Difference(jid, part, diff))
+        for jid, live in zip(batch, reply[5:]):
+            _compare(jid, part, live, folder, now, first, trimmed, out)
 
 
 def verify(d: Deployment, partition: Optional[int] = None, progress: Progress = None) -> Verified:

@@ -7,11 +7,18 @@ older than now - retention, but never at or after any group's oldest pending ent
 in force is stored (config hash and each partition's meta hash) when a trim sets
 it, so the projector's periodic trim and the history indexes' expiry
 (``snapshot.lua``) follow the same window.
+
+The sweep (``tracker/store/lua/sweep.lua``) is the expiry of stored jobs: many jobs share
+one bucket hash, so no key expiry can remove one of them. It deletes the fields whose
+snapshot and history are both dead, strips expired snapshots down to their history, and
+visits every bucket about once per ``min(10 min, retention / 10)``, a few at a time.
+Readers and the fold treat what is dead as absent already; the sweep only frees memory.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -78,13 +85,94 @@ def trim(d: Deployment, retention_ms: int, partition: Optional[int] = None,
     return out
 
 
+@dataclass
+class Swept:
+    partition: int
+    visited: int  # buckets
+    looked: int  # fields
+    deleted: int  # dead fields removed
+    stripped: int  # expired snapshots reduced to their history
+    healed: int  # buckets rewritten as listpacks
+    buckets: int  # of the live generation
+
+
+SWEEP_BUCKETS = 16  # at most this many buckets per sweep.lua call ...
+SWEEP_FIELDS = 200  # ... and no more once this many fields were looked at (~1 ms)
+
+
+def sweep(d: Deployment, partition: int, buckets: int = SWEEP_BUCKETS,
+          fields: int = SWEEP_FIELDS) -> Swept:
+    """One sweep.lua call on one partition, from where the last one stopped."""
+    with d.errors():
+        reply = scripts.call(d.client, "sweep", [keys.meta(d.prefix, partition),
+                                                 keys.fence(d.prefix, partition)],
+                             [keys.snapshot_prefix(d.prefix, partition), buckets, fields,
+                              d.grace_ms])
+    return Swept(partition, *(int(x) for x in reply))
+
+
+def sweep_all(d: Deployment, partition: Optional[int] = None) -> list[Swept]:
+    """Sweep every bucket once (``partition``: of that one only); totals per partition."""
+    out = []
+    for p in d.partition_list(partition):
+        rows = [sweep(d, p)]
+        while rows[-1].visited and sum(r.visited for r in rows) < rows[-1].buckets:
+            rows.append(sweep(d, p))
+        out.append(Swept(p, sum(r.visited for r in rows), sum(r.looked for r in rows),
+                         sum(r.deleted for r in rows), sum(r.stripped for r in rows),
+                         sum(r.healed for r in rows), rows[-1].buckets))
+    return out
+
+
+def sweep_period(retention_ms: int) -> float:
+    """Seconds in which the sweep visits every bucket once."""
+    return min(600.0, retention_ms / 10_000)
+
+
+class Sweeper:
+    """Paces the sweep: each partition owes buckets in proportion to the time passed, so
+    that every bucket is visited once per ``sweep_period``; a call pays some of that."""
+
+    def __init__(self, d: Deployment):
+        self.d = d
+        self.last = time.monotonic()
+        self.owed = dict.fromkeys(range(d.partitions), 1.0)  # the first tick learns the sizes
+        self.size = dict.fromkeys(range(d.partitions), 1)
+
+    def tick(self, retention_ms: int) -> int:
+        now = time.monotonic()
+        elapsed, self.last = now - self.last, now
+        visited = 0
+        for p in self.owed:
+            owed = self.owed[p] + self.size[p] * elapsed / sweep_period(retention_ms)
+            owed = min(owed, float(self.size[p]))  # never more than one whole pass
+            while owed >= 1:
+                r = sweep(self.d, p, buckets=min(SWEEP_BUCKETS, math.ceil(owed)))
+                self.size[p] = max(r.buckets, 1)
+                owed = min(owed - max(r.visited, 1), float(self.size[p]))
+                visited += r.visited
+            self.owed[p] = owed
+        return visited
+
+
 class Keeper:
-    """Called from the projector's main loop: trims every ``every`` seconds."""
+    """Called from the projector's main loop: trims every ``every`` seconds, and sweeps
+    expired jobs at the pace of ``Sweeper`` on every call."""
 
     def __init__(self, d: Deployment, every: float = 60.0):
         self.d, self.every, self.next = d, every, time.monotonic() + min(every, 5.0)
+        self.sweeper = Sweeper(d)
+        self.retention_ms = DEFAULT_MS
+        self.read_at = 0.0
 
     def tick(self) -> None:
+        try:
+            if time.monotonic() - self.read_at > self.every:
+                self.read_at = time.monotonic()
+                self.retention_ms = resolve(self.d)
+            self.sweeper.tick(self.retention_ms)
+        except Exception as e:  # never let housekeeping stop the projector
+            log.warning("sweep of expired tracks failed: %s", e)
         if time.monotonic() < self.next:
             return
         self.next = time.monotonic() + self.every

@@ -51,12 +51,37 @@ def stats(prefix: str, partition: int) -> str:
 
 
 def snapshot_prefix(prefix: str, partition: int) -> str:
-    """Snapshot keys are this prefix plus the JID (Lua builds them from it)."""
-    return f"{tag(prefix, partition)}:t:"
+    """The partition's job keys of generation 0 start with this (``{p}:b:``); every script
+    takes it and derives the rest (tracker/store/lua/snapshot.lua, Snap.store)."""
+    return bucket_prefix(prefix, partition, 0)
 
 
-def snapshot(prefix: str, partition: int, jid: str) -> str:
-    return snapshot_prefix(prefix, partition) + jid
+def bucket_prefix(prefix: str, partition: int, gen: int = 0) -> str:
+    """Bucket hashes of generation ``gen`` are this prefix plus the bucket number. A bucket
+    holds many jobs, one field each (the JID), the value being the job's snapshot and
+    history index packed (tracker/store/packed.py). ``{p}:b:`` and ``{p}:b<g>:`` can never
+    share a key (the character after ``b`` differs) and bucket numbers are decimal."""
+    return f"{tag(prefix, partition)}:b{gen or ''}:"
+
+
+def bucket(prefix: str, partition: int, gen: int, n: int) -> str:
+    return f"{bucket_prefix(prefix, partition, gen)}{n}"
+
+
+def overflow_prefix(prefix: str, partition: int, gen: int = 0) -> str:
+    """Overflow strings are this prefix plus the JID: the packed value of a job whose value
+    (or JID) is too long for a bucket to stay a listpack; the bucket holds a 1-byte stub."""
+    return f"{tag(prefix, partition)}:v{gen or ''}:"
+
+
+def overflow(prefix: str, partition: int, gen: int, jid: str) -> str:
+    return overflow_prefix(prefix, partition, gen) + jid
+
+
+def legacy_prefixes(prefix: str, partition: int, gen: int) -> tuple[str, ...]:
+    """Key prefixes of the layout before buckets (a snapshot hash ``{p}:t<g>:<jid>`` and a
+    history string ``{p}:h:<jid>`` per job): a rebuild unlinks them with its old generation."""
+    return f"{tag(prefix, partition)}:t{gen or ''}:", f"{tag(prefix, partition)}:h:"
 
 
 def partition_of(jid: str, partitions: int) -> int:
@@ -67,34 +92,16 @@ def partition_of(jid: str, partitions: int) -> int:
 
 
 # ------------------------------------------------------------- replay, history
-# Lua derives the first three of these from snapshot_prefix() with the same rules
-# (tracker/store/lua/snapshot.lua, Snap.keys); tests/test_replay.py checks they agree.
+# Lua derives these from snapshot_prefix() with the same rules (tracker/store/lua/snapshot.lua,
+# Snap.store); tests/test_replay.py checks they agree.
 
 def meta(prefix: str, partition: int) -> str:
-    """Hash of per-partition settings the scripts read: ``gen`` (snapshot
-    generation, absent = 0) and ``retention`` (ms, for history index expiry)."""
+    """Hash of per-partition state the scripts read: ``geo`` (the live generation and its
+    bucket geometry, ``gen:b0:level:split``; absent = generation 0 with one bucket),
+    ``gen`` (the live generation again, for tools), ``n`` (fields in its buckets), ``pos``
+    (the newest entry folded), ``retention`` (ms, for the history's visibility) and ``sw``
+    (the sweep's next bucket)."""
     return f"{tag(prefix, partition)}:meta"
-
-
-def snapshot_prefix_gen(prefix: str, partition: int, gen: int) -> str:
-    """Snapshot key prefix of generation ``gen``; generation 0 is today's name.
-
-    ``{p}:t:`` and ``{p}:t<g>:`` can never share a key (the character after
-    ``t`` differs), whatever the JID holds.
-    """
-    if gen == 0:
-        return snapshot_prefix(prefix, partition)
-    return f"{tag(prefix, partition)}:t{gen}:"
-
-
-def history_prefix(prefix: str, partition: int) -> str:
-    """Per-job history index keys are this prefix plus the JID."""
-    return f"{tag(prefix, partition)}:h:"
-
-
-def history(prefix: str, partition: int, jid: str) -> str:
-    """String of packed 10-byte entry IDs (6 bytes ms, 4 bytes seq, big-endian)."""
-    return history_prefix(prefix, partition) + jid
 
 
 def replay_state(prefix: str, partition: int) -> str:
@@ -115,14 +122,16 @@ def replay_partial(prefix: str, partition: int) -> str:
 
 def state_index_prefix(prefix: str, partition: int, gen: int = 0) -> str:
     """State index keys of generation ``gen`` are this prefix plus the state (Lua derives
-    it from the snapshot prefix: snapshot.lua Snap.index). ``{p}:s:`` can meet no other
-    key: ``{p}:stats`` has no ``:`` after its ``s``."""
+    it: snapshot.lua Snap.store). ``{p}:s:`` can meet no other key: ``{p}:stats`` has no
+    ``:`` after its ``s``."""
     return f"{tag(prefix, partition)}:s{gen or ''}:"
 
 
 def state_index(prefix: str, partition: int, state: str, gen: int = 0) -> str:
-    """Sorted set of the tracks in ``state`` (score: updated_at ms; member: the JID),
-    kept by the projector in the same step as the snapshots, for listing by state."""
+    """The index of the tracks in ``state``, kept by the projector in the same step as the
+    snapshots, for listing by state: this key is its directory, a sorted set of pages
+    (member and score: the lowest update time a page holds), and ``state_page`` the pages,
+    sorted sets of JIDs by updated_at ms (tracker/store/lua/index.lua)."""
     return state_index_prefix(prefix, partition, gen) + state
 
 
@@ -132,3 +141,7 @@ def fetched(prefix: str, partition: int, jid: str) -> str:
     --upstream`` keeps for a tracked job it saw fetched, with the reservation as TTL,
     so an ACK or FAIL on any connection of any proxy process knows what to publish."""
     return f"{tag(prefix, partition)}:f:{jid}"
+
+
+def state_page(prefix: str, partition: int, state: str, lo: int, gen: int = 0) -> str:
+    return f"{state_index(prefix, partition, state, gen)}:{lo}"

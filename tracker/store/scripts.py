@@ -1,8 +1,8 @@
 """Lua scripts: composed from their .lua files, and invoked, here and only here.
 
-``project.lua`` and ``replay.lua`` run with the fold (``projections/track.lua``)
-and the snapshot I/O (``snapshot.lua``) prepended, so the live projector and a
-rebuild execute the very files the differential tests check.
+``project.lua`` and ``replay.lua`` run with the fold (``projections/track.lua``),
+the value codec (``packed.lua``) and the bucket I/O (``snapshot.lua``) prepended, so
+the live projector and a rebuild execute the very files the differential tests check.
 
 Invoking: scripts are sent by SHA (EVALSHA) and loaded only when Redis answers
 NOSCRIPT (after a restart, a failover or SCRIPT FLUSH); only those calls are
@@ -38,13 +38,14 @@ _FOLD = Path(projections.__file__).parent / "track.lua"
 
 # Each script's parts, in order ("fold" is projections/track.lua, the rest store/lua/).
 _PARTS = {
-    "project": ("fold", "ids", "snapshot", "project"),
-    "replay": ("fold", "ids", "snapshot", "replay"),
-    "history": ("ids", "snapshot", "history"),
-    "trim": ("ids", "snapshot", "trim"),
-    "get": ("ids", "get"),
-    "list": ("ids", "list"),
-    "count": ("count",),
+    "project": ("fold", "ids", "packed", "index", "snapshot", "project"),
+    "replay": ("fold", "ids", "packed", "index", "snapshot", "replay"),
+    "sweep": ("ids", "packed", "index", "snapshot", "sweep"),
+    "history": ("ids", "packed", "history"),
+    "trim": ("ids", "packed", "index", "snapshot", "trim"),
+    "get": ("ids", "packed", "get"),
+    "list": ("ids", "packed", "index", "list"),
+    "count": ("ids", "packed", "index", "count"),
     "dlq_retry": ("dlq_retry",),
 }
 

@@ -164,13 +164,11 @@ async def read_history(t: AsyncTracker, jid: str) -> tuple[list[dict], int]:
     """``tracker history --json``'s records for a job, and how many were trimmed away:
     the same history.lua call as ``tracker.history.history``, on the asyncio client."""
     events.check_jid(jid)
-    part = t.partition(jid)
-    call: scripts.Call = ([keys.stream(t.prefix, part), keys.history(t.prefix, part, jid)], [])
+    call = history.history_call(t.prefix, t.partition(jid), jid)
     with redis_errors(t.settings):
         reply = check(t.settings, (await scripts.arun(t.client, "history", [call]))[0])
-    out = [history.to_entry(item[0], dict(zip(item[1][::2], item[1][1::2]))).as_json()
-           for item in reply[2:]]
-    return out, len(reply[1])
+    h = history.from_reply(jid, reply)
+    return [e.as_json() for e in h.entries], len(h.trimmed)
 
 
 class _EventBody(ASGIResponse):
@@ -305,6 +303,10 @@ def routes(svc: Services) -> list[HTTPRouteHandler]:
                         ) -> Response[TrackPage]:
         """Live tracks in one state (and queue), newest update first, paged by `cursor`."""
         svc.authorize_read(request)
+        if queue is not None and not events.is_name(queue):
+            # No track can have it (the fold stores only names is_name accepts), and the
+            # schema cannot say "printable" or count bytes: an empty page, not a 400.
+            return json_response({"tracks": [], "next_cursor": None})
         page = await svc.tracker.list_tracks(job_state, queue=queue, limit=limit, cursor=cursor)
         return json_response({"tracks": page.tracks, "next_cursor": page.next_cursor})
 

@@ -1,6 +1,6 @@
 -- project.lua: fold the next batch of one partition and acknowledge it, atomically.
--- Prepended at load time with projections/track.lua (the Fold table) and
--- tracker/store/lua/snapshot.lua (Snap: snapshot and history-index I/O, generations).
+-- Prepended at load time with projections/track.lua (the Fold table), ids.lua,
+-- packed.lua (P: the stored value) and snapshot.lua (Snap: buckets, generations).
 --
 -- KEYS[1]  the partition's stream            {prefix:p}:log
 -- KEYS[2]  its dead-letter stream            {prefix:p}:dlq
@@ -9,17 +9,18 @@
 -- ARGV[1]  consumer group name
 -- ARGV[2]  consumer name
 -- ARGV[3]  batch size (entries)
--- ARGV[4]  snapshot key prefix               {prefix:p}:t:  (generation 0; the live
---          generation and the retention are read from {prefix:p}:meta, see snapshot.lua)
+-- ARGV[4]  job key prefix of generation 0    {prefix:p}:b:  (the live generation, its
+--          bucket geometry and the retention are read from {prefix:p}:meta, see snapshot.lua)
 -- ARGV[5]  track TTL, ms
--- ARGV[6]  expiry grace, ms (snapshot keys outlive their logical expiry by this)
+-- ARGV[6]  expiry grace, ms (a snapshot outlives its logical expiry by this for the fold)
 -- ARGV[7]  min idle time, ms, before a foreign consumer's pending entries are claimed
 -- ARGV[8]  dead-letter stream cap (approximate MAXLEN)
 -- ARGV[9..17] limits: max_jid max_desc max_errtype max_message max_name max_int
 --             reserve_default reserve_min reserve_max
 -- Returns {entries folded, entries dead-lettered, last ID, claimed, waiting}: the last
 -- ID is the batch's last entry, or with an empty batch the stream's newest entry.
--- Writes {prefix:p}:meta pos, the newest entry folded, which get.lua reads.
+-- Writes {prefix:p}:meta pos, the newest entry folded, which get.lua reads, n (the
+-- generation's field count) and, after splits, geo.
 --
 -- Why this shape: the read (XREADGROUP), the fold, the snapshot writes and the
 -- XACK happen in one script, so Redis runs them as one step. An entry is
@@ -65,8 +66,7 @@ else
     if type(reply[1]) == 'table' then entries = reply[1][2] else entries = reply[2] end
   end
 end
--- The live generation's snapshot prefix and the history index (see snapshot.lua).
-local meta, hist = Snap.keys(snap)
+local meta = string.sub(snap, 1, -4) .. ':meta'
 
 if #entries == 0 then
   -- Nothing to fold: everything delivered is folded, so the fold stands at the newest
@@ -79,24 +79,23 @@ if #entries == 0 then
   end
   return {0, 0, newest, claimed, 0}
 end
-local retention
-snap, retention = Snap.settings(meta, snap)
-
-local batch = Snap.batch(snap)
-local tracks, load = batch.tracks, batch.load
-local ids, poisoned, hidx = {}, 0, {}
+local S, m = Snap.live(snap)
+S.grace = grace
+local batch = Snap.batch(S, true)
+local tracks, load, note = batch.tracks, batch.load, batch.note
+local ids, poisoned = {}, 0
 
 for i, entry in ipairs(entries) do
   local id, fields = entry[1], entry[2]
   ids[i] = id
   local ev, reason = Fold.decode(fields)
   if ev then
-    local at = tonumber(string.match(id, '^(%d+)'))
-    local before = load(ev.j)
-    local after = Fold.apply(before, ev, at, ttl)
+    local at, seq = P.id(id)
+    local after = Fold.apply(load(ev.j), ev, at, ttl)
     tracks[ev.j] = after or false
-    -- Index every event that met or made a live track (others are no-ops of the fold).
-    if after or (before and before.x > at) then Snap.note(hidx, ev.j, id, at) end
+    -- Index every event that met or made a live track (the others are no-ops of the fold:
+    -- an event that meets a live track always leaves one).
+    if after then note(ev.j, at, seq) end
   else
     poisoned = poisoned + 1
     local args = {'XADD', dlq, 'MAXLEN', '~', dlq_max, '*', 'id', id, 'reason', reason}
@@ -104,16 +103,17 @@ for i, entry in ipairs(entries) do
     redis.call(unpack(args))
   end
 end
-
-for jid, t in pairs(tracks) do
-  Snap.write(snap, jid, t, batch.orig[jid], t and t.x + grace)
-end
-Snap.flush_index(hist, hidx, retention)
+batch.flush()
+Snap.expire(S)
+local grew = Snap.grow(S, 4) > 0
 
 redis.call('XACK', stream, group, unpack(ids))
 -- The newest entry folded, for readers (get.lua); entries claimed from another reader
 -- are older than what the group already delivered, so they do not move it.
-if claimed == 0 then redis.call('HSET', meta, 'pos', ids[#ids]) end
+local set = {'HSET', meta, 'n', S.n}
+if claimed == 0 then set[#set + 1] = 'pos'; set[#set + 1] = ids[#ids] end
+if grew or not m[1] then set[#set + 1] = 'geo'; set[#set + 1] = P.geo(S.g) end
+redis.call(unpack(set))
 redis.call('HINCRBY', stats, 'applied', #entries - poisoned)
 if poisoned > 0 then redis.call('HINCRBY', stats, 'dead_lettered', poisoned) end
 return {#entries, poisoned, ids[#ids], claimed, 0}

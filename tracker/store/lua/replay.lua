@@ -1,17 +1,18 @@
--- replay.lua: rebuild a partition's snapshots from its log into a new generation,
--- while the live projector keeps going. Prepended with projections/track.lua (Fold)
--- and tracker/store/lua/snapshot.lua (Snap), so a rebuild folds and stores exactly as
--- project.lua does. Driven by tracker/replay.py.
+-- replay.lua: rebuild a partition's stored jobs (snapshots and history indexes, and the
+-- state index) from its log into a new generation, while the live projector keeps going.
+-- Prepended with projections/track.lua (Fold), ids.lua, packed.lua (P), index.lua (Ix)
+-- and snapshot.lua (Snap), so a rebuild folds and stores exactly as project.lua does. Driven by
+-- tracker/replay.py.
 --
 -- KEYS[1] stream {p}:log   KEYS[2] meta {p}:meta   KEYS[3] state {p}:replay
 -- KEYS[4] held {p}:replay:held   KEYS[5] partial {p}:replay:partial
 -- KEYS[6] fence {p}:fence (never written; see tracker/store/keys.py)
 -- ARGV[1] mode: begin | chunk | switch | read
--- ARGV[2] snapshot prefix of generation 0 {p}:t:    ARGV[3] consumer group
+-- ARGV[2] job key prefix of generation 0 {p}:b:    ARGV[3] consumer group
 -- ARGV[4] entries per chunk   ARGV[5] ttl ms   ARGV[6] grace ms
--- ARGV[7] hold ms: a track whose key would expire within this is kept until the
---         switch (its log position may still be before its expiry), which must
---         come within hold ms of the begin
+-- ARGV[7] hold ms: a track that would expire for good (x + grace) within this is kept
+--         until the switch (its log position may still be before its expiry), which
+--         must come within hold ms of the begin
 -- ARGV[8] lock ms (the state hash's TTL, refreshed by every chunk)
 -- ARGV[9] new generation (chunk, switch)
 -- ARGV[10] check-from ID: a JID whose history index starts before it lost its
@@ -22,17 +23,20 @@
 -- Why it cannot answer wrong: a chunk folds only entries the live projector has
 -- already applied (up to the group's last-delivered ID, before any pending entry),
 -- into keys nobody reads. The switch folds the rest up to that same point and
--- flips {p}:meta gen in one script, so project.lua and get.lua (which read gen in
--- their own atomic steps) go from the old generation to an equal new one at once.
+-- flips {p}:meta geo (generation and geometry) in one script, so project.lua and
+-- get.lua (which read it in their own atomic steps) go from the old generation to an
+-- equal new one at once. The new generation's geometry and field count live in the
+-- state hash until then; its buckets are sized at the begin from the live field count.
 
 local stream, meta, state, held, partial = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local mode, base, group = ARGV[1], ARGV[2], ARGV[3]
 local count, ttl, grace = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local hold, lock = tonumber(ARGV[7]), tonumber(ARGV[8])
-local _, hist = Snap.keys(base)
 local fmt = string.format
 
-local now = Snap.now_ms()
+local live = Snap.live(base) -- the live generation (the old one, until the switch)
+live.grace = grace
+local now = live.now
 local id_lt = Snap.id_lt
 
 -- The end of what the live projector has applied: {XRANGE end, group exists}.
@@ -56,64 +60,118 @@ local function live_end()
   return newest[1] and newest[1][1] or nil, false
 end
 
+local function first_id()
+  local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+  return first[1] and first[1][1] or ''
+end
+
 if mode == 'begin' then
   if redis.call('EXISTS', state) == 1 then
     return redis.error_reply('BUSY a rebuild of this partition is already running')
   end
-  local cur = tonumber(redis.call('HGET', meta, 'gen') or '0')
-  redis.call('HSET', state, 'gen', cur + 1, 'old', cur, 'pos', '0-0', 'begin', fmt('%d', now))
+  -- (A deployment of the layout before buckets has 'gen' and no 'geo'.)
+  local m = redis.call('HMGET', meta, 'geo', 'gen')
+  local cur = m[1] and live.g.gen or tonumber(m[2] or '0') or 0
+  local g = {gen = cur + 1, b0 = math.max(P.B0, math.ceil(live.n / P.ALPHA)), bl = 0, bs = 0}
+  redis.call('HSET', state, 'gen', cur + 1, 'old', cur, 'pos', '0-0', 'begin', fmt('%d', now),
+             'geo', P.geo(g), 'n', 0, 'legacy', m[1] and '0' or '1')
   redis.call('PEXPIRE', state, lock)
   redis.call('DEL', held, partial)
-  local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
-  return {cur + 1, cur, first[1] and first[1][1] or ''}
+  return {cur + 1, cur, first_id()}
 end
 
 if mode == 'read' then
-  -- For --verify: the live snapshots and the applied position, read in one step.
-  local prefix, _r, gen = Snap.settings(meta, base)
+  -- For --verify: the live values and the applied position, read in one step.
   local fin = live_end()
-  local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
-  local out = {fmt('%d', now), gen, fin or '', first[1] and first[1][1] or ''}
-  for i = 20, #ARGV do
-    out[#out + 1] = redis.call('HMGET', prefix .. ARGV[i], 's', 'p', 'd', 'u', 'r', 'x', 'q')
-    out[#out + 1] = redis.call('GETRANGE', hist .. ARGV[i], 0, 9)
-  end
+  local out = {fmt('%d', now), fmt('%d', live.g.gen), fin or '', first_id(),
+               fmt('%d', live.retention)}
+  for i = 20, #ARGV do out[#out + 1] = Snap.read(live, ARGV[i]) or false end
   return out
 end
 
 -- chunk / switch
 local gen, check = ARGV[9], ARGV[10]
-local st = redis.call('HMGET', state, 'gen', 'pos', 'old', 'begin')
+local st = redis.call('HMGET', state, 'gen', 'pos', 'old', 'begin', 'geo', 'n', 'legacy')
 if st[1] ~= gen then return redis.error_reply('LOST the rebuild lock expired or was taken over') end
 local pos, old_gen = st[2], st[3]
 if now - tonumber(st[4]) > hold then
-  -- Tracks were written expiring hold ms after their chunk; past that, some may be gone.
+  -- Tracks were kept for hold ms after their chunk; past that, some may be gone.
   return redis.error_reply('SLOW the rebuild took longer than its hold time; run it again')
 end
-local snap = Snap.prefix(base, gen)
+local S = Snap.store(base, P.geometry(st[5]), tonumber(st[6]))
+S.now, S.grace, S.retention = now, grace, live.retention
 Fold.configure_argv(ARGV, 11)
 local fin, has_group = live_end()
 local folded, poisoned = 0, 0
+
+-- A job stored by the layout before buckets (an upgrade's first rebuild): its snapshot
+-- hash {p}:t<g>:<jid> and its history string {p}:h:<jid> (10-byte IDs, oldest first) as
+-- one packed value, or nil.
+local function legacy(jid)
+  if st[7] ~= '1' then return nil end
+  local gs = old_gen == '0' and '' or old_gen
+  local h = redis.call('HGETALL', live.tag .. ':t' .. gs .. ':' .. jid)
+  local idx = redis.call('GET', live.tag .. ':h:' .. jid) or ''
+  local raw = {}
+  for i = 1, #h, 2 do raw[h[i]] = h[i + 1] end
+  local t
+  if P.SCODE[raw.s or ''] and tonumber(raw.u) and tonumber(raw.x) then
+    t = {s = raw.s, u = tonumber(raw.u), x = tonumber(raw.x), r = tonumber(raw.r) or 0,
+         p = tonumber(raw.p), d = raw.d, q = raw.q}
+  end
+  local e, n = {}, 0
+  for i = 1, #idx - 9, 10 do
+    local b = {string.byte(idx, i, i + 9)}
+    n = n + 1
+    e[n] = {((((b[1] * 256 + b[2]) * 256 + b[3]) * 256 + b[4]) * 256 + b[5]) * 256 + b[6],
+            ((b[7] * 256 + b[8]) * 256 + b[9]) * 256 + b[10]}
+  end
+  return P.value(t, e, n)
+end
+
+-- The live value of jid (the old generation's).
+local function old_value(jid)
+  return Snap.read(live, jid) or legacy(jid)
+end
+
+-- Job jid of S without its snapshot when that expired at or before `before`.
+local function settle(jid, before)
+  local v, key, stub = Snap.read(S, jid)
+  local ok, t = pcall(P.decode, v or '')
+  if ok and t and t.x <= before then
+    local rest = P.strip(v)
+    Snap.put(S, jid, key, stub, rest, rest and P.expiry(rest, grace, S.retention))
+    Ix.remove(Snap.ix(S, t.s), t.u, jid)
+  end
+end
 
 local function fold_chunk()
   if not fin then return 0 end
   local entries = redis.call('XRANGE', stream, '(' .. pos, fin, 'COUNT', count)
   if #entries == 0 then return 0 end
   local part = {}
-  local batch = Snap.batch(snap, check ~= '' and function(jid)
-    -- No snapshot yet: if the job's history starts before the log does, its
+  local batch = Snap.batch(S, false, check ~= '' and function(jid)
+    -- Nothing rebuilt yet: if the job's live history starts before the log does, its
     -- beginning was trimmed and this fold cannot rebuild it.
-    local head = redis.call('GETRANGE', hist .. jid, 0, 9)
-    if #head == 10 and id_lt(Snap.unpack_id(head, 1), check) then part[jid] = true end
+    local v = old_value(jid)
+    local ok, ids = pcall(P.entries, v or '')
+    if ok and #ids > 0 and id_lt(fmt('%d-%d', ids[#ids][1], ids[#ids][2]), check) then
+      part[jid] = true
+    end
   end or nil)
-  local tracks, orig, load = batch.tracks, batch.orig, batch.load
+  local tracks, load, note = batch.tracks, batch.load, batch.note
   local at
   for _, entry in ipairs(entries) do
     local ev = Fold.decode(entry[2])
     if ev then
-      at = tonumber(string.match(entry[1], '^(%d+)'))
+      local seq
+      at, seq = P.id(entry[1])
       local t = load(ev.j)
-      if not part[ev.j] then tracks[ev.j] = Fold.apply(t, ev, at, ttl) or false end
+      if not part[ev.j] then
+        local after = Fold.apply(t, ev, at, ttl)
+        tracks[ev.j] = after or false
+        if after then note(ev.j, at, seq) end
+      end
       folded = folded + 1
     else
       poisoned = poisoned + 1
@@ -123,34 +181,31 @@ local function fold_chunk()
   for jid, t in pairs(tracks) do
     if part[jid] then
       redis.call('SADD', partial, jid)
-    else
-      if t and at and t.x <= at then t = false end -- expired before the newest entry: dead for good
-      local expire_at = t and t.x + grace
-      if t and expire_at <= hold_until then
-        -- Real time is past (or near) its expiry, but entries still to fold may be older
-        -- than its expiry and meet it: keep it until the switch settles it.
-        expire_at = hold_until
-        redis.call('ZADD', held, t.x, jid)
-      end
-      Snap.write(snap, jid, t, orig[jid], expire_at)
+    elseif t and at and t.x <= at then
+      tracks[jid] = false -- expired before the newest entry: dead for good
+    elseif t and t.x + grace <= hold_until then
+      -- Real time is past (or near) its expiry, but entries still to fold may be older
+      -- than its expiry and meet it: settled at the switch.
+      redis.call('ZADD', held, t.x, jid)
     end
   end
+  batch.flush()
   if at then
     -- Tracks that expired before the newest folded entry are dead for every later one.
-    local dead = redis.call('ZRANGEBYSCORE', held, '-inf', at, 'LIMIT', 0, 1000)
-    for _, jid in ipairs(dead) do
-      local x = redis.call('HGET', snap .. jid, 'x')
-      if x and tonumber(x) <= at then Snap.delete(snap, jid) end
+    for _, jid in ipairs(redis.call('ZRANGEBYSCORE', held, '-inf', at, 'LIMIT', 0, 1000)) do
+      settle(jid, at)
       redis.call('ZREM', held, jid)
     end
   end
+  Snap.expire(S)
+  Snap.grow(S, 64)
   pos = entries[#entries][1]
   return #entries
 end
 
 if mode == 'chunk' then
   local n = fold_chunk()
-  redis.call('HSET', state, 'pos', pos)
+  redis.call('HSET', state, 'pos', pos, 'geo', P.geo(S.g), 'n', S.n)
   redis.call('PEXPIRE', state, lock)
   return {folded, poisoned, pos, (n < count) and 1 or 0}
 end
@@ -164,27 +219,25 @@ if has_group and pos ~= '0-0' then
   end
 end
 while fold_chunk() == count do end
-local old_snap = Snap.prefix(base, old_gen)
 local kept = 0
 for _, jid in ipairs(redis.call('SMEMBERS', partial)) do
-  -- Beginning trimmed away: the log cannot rebuild it, keep the live snapshot.
-  local t, raw = Snap.load(old_snap .. jid)
-  Snap.delete(snap, jid)
+  -- Beginning trimmed away: the log cannot rebuild it; keep the live value (snapshot and
+  -- history) as it is.
+  local v = old_value(jid)
+  local _, key, stub = Snap.read(S, jid)
+  local ok, e = pcall(P.expiry, v or '', grace, S.retention)
+  Snap.put(S, jid, key, stub, ok and v or nil, ok and e or 0)
+  local t = ok and P.decode(v)
   if t and t.x > now then
-    Snap.write(snap, jid, t, false, t.x + grace)
+    Ix.add(Snap.ix(S, t.s), t.u, jid)
     kept = kept + 1
   end
 end
-for _, jid in ipairs(redis.call('ZRANGE', held, 0, -1)) do
-  local x = redis.call('HGET', snap .. jid, 'x')
-  if x then
-    if tonumber(x) <= now then Snap.delete(snap, jid) -- expired: not recreated
-    else redis.call('PEXPIREAT', snap .. jid, fmt('%d', tonumber(x) + grace)) end
-  end
-end
+for _, jid in ipairs(redis.call('ZRANGE', held, 0, -1)) do settle(jid, now) end
+Snap.expire(S)
 if not has_group and pos ~= '0-0' then
   redis.call('XGROUP', 'CREATE', stream, group, pos, 'MKSTREAM')
 end
-redis.call('HSET', meta, 'gen', gen)
+redis.call('HSET', meta, 'gen', gen, 'geo', P.geo(S.g), 'n', S.n, 'sw', 0)
 redis.call('DEL', state, held, partial)
 return {folded, poisoned, pos, kept, old_gen}

@@ -4,14 +4,14 @@
 -- KEYS[1] stream {p}:log   KEYS[2] meta {p}:meta   KEYS[3] rebuild state {p}:replay
 -- KEYS[4] fence {p}:fence (never written; see tracker/store/keys.py)
 -- ARGV[1] retention ms    ARGV[2] '1' for a dry run (nothing is removed or stored)
--- ARGV[3] track TTL ms    ARGV[4] snapshot prefix of generation 0 {p}:t:
+-- ARGV[3] track TTL ms    ARGV[4] job key prefix of generation 0 {p}:b:
 -- ARGV[5] the longest reservation, ms (tracker/events.py RESERVE_MAX)
 -- Returns {MINID (entries before it go; '' = none), what limited it, removed (-1 on
 -- a dry run), state index entries swept}. Limits, lowest wins: now - retention; every group's last-delivered
 -- ID (later entries were never read) and oldest pending entry (read, not acked: a
 -- dead consumer's entries stay claimable); a running rebuild's position.
 -- In one script, so no reader can move between the check and the XTRIM.
--- Prepended at load time with snapshot.lua (Snap.id_lt, Snap.now_ms).
+-- Prepended at load time with ids.lua, packed.lua, index.lua and snapshot.lua (Snap).
 
 local retention, dry = tonumber(ARGV[1]), ARGV[2] == '1'
 local id_lt = Snap.id_lt
@@ -23,10 +23,10 @@ local swept = 0
 if not dry then
   redis.call('HSET', KEYS[2], 'retention', string.format('%d', retention))
   local ttl, longest = tonumber(ARGV[3]), tonumber(ARGV[5])
-  local idx = Snap.index(Snap.settings(KEYS[2], ARGV[4]))
+  local idx = Snap.live(ARGV[4]).idx
   for _, state in ipairs({'enqueued', 'working', 'success', 'failed', 'dead'}) do
     local before = now - ttl - (state == 'working' and longest or 0)
-    swept = swept + redis.call('ZREMRANGEBYSCORE', idx .. state, '-inf', '(' .. before)
+    swept = swept + Ix.sweep(idx .. state, string.format('%d', before))
   end
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'', 'empty log', 0, swept} end
