@@ -185,6 +185,8 @@ def test_index_pages_split_keep_order_and_are_swept(backend):
     assert sum(len(x) for x in times) == len(set().union(*times))  # no ms over two pages
     assert len(list(d.client.scan_iter(match=keys.state_index(d.prefix, 0, "success") + "*"))) > 2
     assert t.list_tracks("success").tracks == []  # expired: never listed
+    counts = t.count_tracks()  # whole pages by ZCARD, the old ones not at all
+    assert (counts["enqueued"], counts["success"]) == (700, 0)
     assert sum(r.swept for r in retention.trim(d, 7 * 86_400_000)) == 300
     assert not list(d.client.scan_iter(match=keys.state_index(d.prefix, 0, "success") + "*"))
     assert len(_all_pages(t, "enqueued", limit=100)) == 700
