@@ -79,7 +79,8 @@ def applied(d) -> int:
                for p in range(d.partitions))
 
 
-def publish(d, n_events: int, stop: threading.Event, rng: random.Random) -> None:
+def publish(d, n_events: int, stop: threading.Event, rng: random.Random,
+            count: list[int] | None = None) -> None:
     pub = Publisher(d)
     jids = [f"job-{i}" for i in range(150)]
     sent = 0
@@ -105,6 +106,8 @@ def publish(d, n_events: int, stop: threading.Event, rng: random.Random) -> None
             d.client.xadd(keys.stream(d.prefix, rng.randrange(d.partitions)),
                           {"t": "working", "j": "job-1", "r": "-1"})
         sent += len(chunk)
+        if count is not None:
+            count[0] = sent
         time.sleep(0.06)  # ~8 s of traffic
 
 
@@ -113,8 +116,10 @@ def test_kill_9_again_and_again(crash_env):
     d, env = crash_env
     rng = random.Random(20240601)
     stop = threading.Event()
-    # The publisher goes on until the twelfth kill, so every kill meets work in flight.
-    publisher = threading.Thread(target=publish, args=(d, 20_000, stop, rng))
+    # The publisher goes on until the twelfth kill (and 3,000 events, however fast the
+    # daemons start), so every kill meets work in flight.
+    sent = [0]
+    publisher = threading.Thread(target=publish, args=(d, 20_000, stop, rng, sent))
     procs = [start(env, "crash-a"), start(env, "crash-b")]
     born = [time.monotonic()] * 2
     life = [rng.uniform(0.5, 1.2) for _ in procs]
@@ -122,7 +127,7 @@ def test_kill_9_again_and_again(crash_env):
     publisher.start()
     try:
         deadline = time.monotonic() + 45
-        while kills < 12 and time.monotonic() < deadline:
+        while (kills < 12 or sent[0] < 3000) and time.monotonic() < deadline:
             time.sleep(0.02)
             for i in range(2):
                 if not procs[i].ready.is_set():
