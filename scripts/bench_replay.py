@@ -162,14 +162,22 @@ def many_rows(quick: bool, rounds: int, url: str, log=print) -> list[dict]:
             out.append(B.skipped("state_index_bytes_per_track", "no state index keys "
                                  "(keys.state_index) in this layout"))
         else:
-            pipe = c.pipeline(transaction=False)
+            # Every index key of any generation: a state's key and, in a paged layout,
+            # its pages (``<state key>:<label>``; ``{p}:stats`` has no ':' after its s).
+            found = []
             for p in range(d.partitions):
-                for s in ("enqueued", "working", "success", "failed", "dead"):
-                    pipe.memory_usage(index(prefix, p, s), samples=0)
-            got = sum(int(x or 0) for x in pipe.execute())
+                base = index(prefix, p, "working")
+                pattern = base[:base.rindex(":s") + 2] + "*:*"
+                found += list(c.scan_iter(match=pattern, count=5000))
+            got = 0
+            for i in range(0, len(found), 1000):
+                pipe = c.pipeline(transaction=False)
+                for key in found[i:i + 1000]:
+                    pipe.memory_usage(key, samples=0)
+                got += sum(int(x or 0) for x in pipe.execute())
             out.append(B.row("state_index_bytes_per_track", "B", [got / n],
-                             note=f"MEMORY USAGE of the index keys / {n:,} tracks "
-                                  "(deterministic: one measurement)"))
+                             note=f"MEMORY USAGE of the {len(found):,} index keys / {n:,} "
+                                  "tracks (deterministic: one measurement)"))
         return out
     finally:
         B.cleanup(c, prefix)

@@ -190,3 +190,28 @@ def test_index_pages_split_keep_order_and_are_swept(backend):
     assert sum(r.swept for r in retention.trim(d, 7 * 86_400_000)) == 300
     assert not list(d.client.scan_iter(match=keys.state_index(d.prefix, 0, "success") + "*"))
     assert len(_all_pages(t, "enqueued", limit=100)) == 700
+
+
+def test_a_page_is_exact_when_one_partition_holds_the_newest(backend):
+    """The merge asks each partition for its share first: a page whose newest tracks all
+    live in one partition still comes out whole and in order, page after page."""
+    d = backend(partitions=4, ttl=1800)
+    t = Tracker(d)
+    stream = {p: keys.stream(d.prefix, p) for p in range(4)}
+    jids = {p: [j for j in (f"sk{i}" for i in range(2000)) if d.partition(j) == p] for p in range(4)}
+    now = int(time.time() * 1000) - 10_000
+    pipe = d.client.pipeline(transaction=False)
+    want = []
+    for p in range(4):
+        n = 120 if p == 2 else 15  # partition 2 has the 120 newest, the others older ones
+        for i, jid in enumerate(jids[p][:n]):
+            ms = now + (5000 + i if p == 2 else i * 10 + p)
+            pipe.xadd(stream[p], {"t": "enqueued", "j": jid, "k": "1"}, id=f"{ms}-0")
+            want.append((ms, jid))
+    pipe.execute()
+    Projector(d, consumer="sk").drain()
+    order = [j for _, j in sorted(want, reverse=True)]
+    first = t.list_tracks("enqueued", limit=50)
+    assert [a["jid"] for a in first.tracks] == order[:50]
+    assert [a["jid"] for a in _all_pages(t, "enqueued", limit=50)] == order
+    assert [a["jid"] for a in _all_pages(t, "enqueued", limit=7)] == order

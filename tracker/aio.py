@@ -181,8 +181,8 @@ class AsyncTracker:
         q = Query.of(state, queue, limit, cursor)
         merge = Merge(q, list(range(self.partitions)))
         while pending := merge.pending():
-            replies = await self._fresh("list", pending, lambda part, need: q.call(
-                self.prefix, part, need, merge.at[part]))
+            replies = await self._fresh("list", pending, lambda part, need: merge.call(
+                self.prefix, part, need))
             for part, reply in replies.items():
                 merge.add(part, reply)
         return merge.page()

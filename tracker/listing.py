@@ -1,11 +1,12 @@
 """Listing live tracks by state (and queue), newest update first, across partitions.
 
-Each partition keeps a sorted set per state (``{p}:s<gen>:<state>``, scored by update
-time), written by the fold in the same atomic step as the snapshots (snapshot.lua), so
-listing never scans keys. ``list.lua`` reads one partition's page; this module validates
-the request and merges partitions: every partition is read until it has ``limit``
-matching tracks or has no more, so the merged page is exact, and the cursor (the last
-track's update time and JID) continues all partitions from the same point.
+Each partition keeps a paged index per state (``{p}:s<gen>:<state>`` and its pages, by
+update time; index.lua), written by the fold in the same atomic step as the snapshots
+(snapshot.lua), so listing never scans keys. ``list.lua`` reads one partition's rows;
+this module validates the request and merges partitions: each is read until nothing it
+has not examined could still be on the page (``Merge``), so the merged page is exact,
+and the cursor (the last track's update time and JID) continues all partitions from the
+same point.
 """
 
 from __future__ import annotations
@@ -52,10 +53,12 @@ class Query(NamedTuple):
             ms, _, jid = cursor.partition(":")
         return cls(state, queue or "", limit, ms, jid)
 
-    def call(self, prefix: str, part: int, need: str, at: tuple[str, str]) -> scripts.Call:
-        """list.lua's KEYS and ARGV for partition ``part`` from position ``at``."""
+    def call(self, prefix: str, part: int, need: str, at: tuple[str, str],
+             limit: int) -> scripts.Call:
+        """list.lua's KEYS and ARGV for up to ``limit`` tracks of partition ``part`` from
+        position ``at``."""
         return ([keys.stream(prefix, part), keys.meta(prefix, part), keys.fence(prefix, part)],
-                [keys.snapshot_prefix(prefix, part), need, self.state, self.queue, self.limit,
+                [keys.snapshot_prefix(prefix, part), need, self.state, self.queue, limit,
                  at[0], at[1], BUDGET])
 
 
@@ -71,19 +74,47 @@ def totals(replies: list) -> dict[str, int]:
 
 
 class Merge:
-    """The partitions' pages so far, and what to ask each of them next."""
+    """The partitions' pages so far, and what to ask each of them next.
+
+    The first round asks each partition for its share of the page (plus a few), not for
+    the whole page: with P partitions that checks about ``limit`` snapshots instead of
+    ``P x limit``. A partition is asked again only while what it has not examined yet
+    could still be on the page: while the page is not full, or while its position is
+    newer than the page's last track so far. So the page stays exact.
+    """
 
     def __init__(self, q: Query, parts: list[int]):
         self.q = q
         self.at = {p: (q.cursor_ms, q.cursor_jid) for p in parts}
         self.found: list[tuple[int, str, list]] = []
-        self.count = {p: 0 for p in parts}
         self.done: set[int] = set()
         self.now = 0
+        share = q.limit if len(parts) <= 1 else min(q.limit, -(-q.limit // len(parts)) + 4)
+        self.want = {p: share for p in parts}
+        self.asked: set[int] = set()
+
+    def call(self, prefix: str, part: int, need: str) -> scripts.Call:
+        """list.lua's call for ``part``'s next rows."""
+        return self.q.call(prefix, part, need, self.at[part], self.want[part])
 
     def pending(self) -> list[int]:
-        """Partitions that have neither ``limit`` tracks yet nor nothing left."""
-        return [p for p in self.at if p not in self.done and self.count[p] < self.q.limit]
+        """Partitions whose unexamined tracks could still be on the page."""
+        open_ = [p for p in self.at if p not in self.done]
+        if len(self.found) < self.q.limit:
+            todo = open_
+        else:
+            self.found.sort(key=lambda t: (t[0], t[1]), reverse=True)
+            last = self.found[self.q.limit - 1][:2]
+            todo = [p for p in open_ if self._position(p) > last]
+        for p in todo:
+            if p in self.asked:  # its share was not enough: the rest of the page
+                self.want[p] = self.q.limit
+        self.asked.update(todo)
+        return todo
+
+    def _position(self, part: int) -> tuple[float, str]:
+        ms, jid = self.at[part]
+        return (float(ms) if ms else float("inf"), jid)
 
     def add(self, part: int, reply: list) -> None:
         """One list.lua reply (rows) of ``part``."""
@@ -96,7 +127,6 @@ class Merge:
         for i in range(5, len(reply) - 1, 2):
             row = reply[i + 1]
             self.found.append((int(row[3]), reply[i].decode(), row))
-            self.count[part] += 1
 
     def page(self) -> TrackPage:
         self.found.sort(key=lambda t: (t[0], t[1]), reverse=True)

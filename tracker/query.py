@@ -126,8 +126,8 @@ class Tracker:
         q = Query.of(state, queue, limit, cursor)
         merge = Merge(q, list(range(self.deployment.partitions)))
         while pending := merge.pending():
-            replies = self._fresh("list", pending, lambda part, need: q.call(
-                self.deployment.prefix, part, need, merge.at[part]))
+            replies = self._fresh("list", pending, lambda part, need: merge.call(
+                self.deployment.prefix, part, need))
             for part, reply in replies.items():
                 merge.add(part, reply)
         return merge.page()
