@@ -237,10 +237,13 @@ _REQ_NAMES = {f: f for f in ("jid", "percent", "desc", "reserve_until")}
 MAX_REQUEST = 16 * 1024  # a TRACK SET payload larger than this is refused unread
 
 
+_JID_MATCH = re.compile(JID_PATTERN).fullmatch  # every read checks a JID: compiled once
+
+
 def check_jid(jid: Any) -> str:
     if not isinstance(jid, str):
         raise ValidationError("jid", f"expected a string, got {type(jid).__name__}")
-    if not re.fullmatch(JID_PATTERN, jid):
+    if not _JID_MATCH(jid):
         if not jid:
             raise ValidationError("jid", "must not be empty")
         if len(jid) > MAX_JID:
