@@ -301,6 +301,8 @@ def acl_roles(p: str) -> dict[str, list[str]]:
                       "+zrevrange", "+zcard", "+zrangebyscore", "+zrevrangebyscore", "+zrange",
                       f"~{{{p}:*", f"~{p}:config"],
         "reader": _reader(p),
+        # tracker serve without --upstream: a reader that appends TRACK SETs.
+        "serve": _reader(p) + ["+xadd"],
         # tracker serve --upstream: a reader that appends the events it sees and keeps
         # the small record of each tracked job it saw fetched ({p}:f:<jid>).
         "proxy": _reader(p) + ["+xadd", "+set", "+getdel", f"~{{{p}:*}}:f:*"],

@@ -9,6 +9,7 @@ The README's least-privilege section lists the same rules.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import uuid
 
 import pytest
 import redis
-from helpers import acl_roles, acl_users, cleanup
+from helpers import Raw, Running, acl_roles, acl_users, cleanup
 
 from tracker import retention
 from tracker.errors import TrackerError
@@ -232,3 +233,30 @@ def test_status_without_rights_fails_cleanly(env):
     p, user, password, _ = env
     res = _cli(user("producer", roles(p)["producer"]), p, "status")
     assert res.returncode == 1 and "Traceback" not in res.stderr
+
+
+def test_serve_works_with_the_serve_role(env):
+    """The README's plain `tracker serve` user (the reader's rules and XADD): TRACK SET is
+    appended, and TRACK GET answers it once the projector has folded it."""
+    p, user, _, admin = env
+    Tracker(Deployment.open(Settings(redis_url=URL, prefix=p))).publisher.enqueued(
+        "S1", custom={"track": 1})
+    d = open_as(user("serve"), p)
+    server = Running(d)
+    c = Raw(server.port)
+    try:
+        assert c.hello() == b"+OK"
+        c.send(b'TRACK SET {"jid":"S1","percent":64,"desc":"acl"}\r\n')
+        assert c.reply() == b"+OK"
+        Projector(Deployment.open(Settings(redis_url=URL, prefix=p)), consumer="admin").drain()
+        got = json.loads(_get(c, b"S1"))
+        assert (got["state"], got["percent"], got["desc"]) == ("enqueued", 64, "acl")
+    finally:
+        c.close()
+        server.stop()
+        d.close()
+
+
+def _get(c, jid: bytes) -> bytes:
+    c.send(b"TRACK GET " + jid + b"\r\n")
+    return c.reply()
