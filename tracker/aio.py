@@ -33,9 +33,11 @@ from tracker.store.connection import create_async_client
 from tracker.store.deployment import Deployment
 from tracker.store.settings import Settings
 
-# Batches of GETs in flight at once. While they are out, new GETs queue and go
-# together: bigger batches, fewer round trips, less CPU per request under load.
-MAX_INFLIGHT = 2
+# Batches of GETs in flight at once. While one is out, new GETs queue and go together:
+# bigger batches, fewer round trips, less CPU per request under load. One measured best
+# (scripts/bench.py --only web serve: 0.81x the hello route's requests/s against 0.68x
+# with two; serve's p99 3.8 ms against 7.7-10.8); a lone reader never waits for it.
+MAX_INFLIGHT = 1
 
 
 class AsyncTracker:
