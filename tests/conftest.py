@@ -12,11 +12,12 @@ keys under it.
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 
 import pytest
 from cluster import LocalCluster
-from helpers import open_deployment, open_real, start_cluster, wipe
+from helpers import missing, node_ready, open_deployment, open_real, start_cluster, wipe
 
 from tracker.projector import Projector
 from tracker.query import Tracker
@@ -115,3 +116,12 @@ def projector(deployment) -> Projector:
 @pytest.fixture
 def real_deployment(real_redis_url, prefix):
     yield from open_real(real_redis_url, prefix, 4)
+
+
+@pytest.fixture(scope="module")
+def node():
+    """The Node binary, with tests/js's faktory-worker installed (else missing())."""
+    why = node_ready()
+    if why:
+        missing(f"Node client faktory-worker not available: {why}")
+    return shutil.which("node")

@@ -15,8 +15,11 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import socket
+import subprocess
 import threading
+from pathlib import Path
 from typing import Optional
 
 import fakeredis
@@ -190,10 +193,12 @@ def expected_snapshots(d: Deployment) -> dict:
 class Running:
     """A Server on its own loop in a daemon thread."""
 
-    def __init__(self, deployment: Deployment, password=None, **limits):
-        lim = dict(handshake_timeout=1.0)
-        lim.update(limits)
-        self.server = Server(deployment.settings, deployment.partitions, password, Limits(**lim))
+    def __init__(self, deployment: Deployment, password=None, server=None, **limits):
+        if server is None:  # the FWP endpoint; the proxy's tests pass their ProxyServer
+            lim = dict(handshake_timeout=1.0)
+            lim.update(limits)
+            server = Server(deployment.settings, deployment.partitions, password, Limits(**lim))
+        self.server = server
         ready = threading.Event()
         self.error = None
 
@@ -340,3 +345,22 @@ def acl_users(url: str, prefix: str):
         for name in made:
             admin.acl_deluser(name)
         admin.close()
+
+
+# ------------------------------------------------------------------ the Node client
+JS = Path(__file__).parent / "js"  # tests/js: the npm faktory-worker client's scripts
+
+
+def node_ready() -> Optional[str]:
+    """Why the Node client cannot run, or None when it can (installing its deps if need be)."""
+    if not shutil.which("node"):
+        return "node is not installed"
+    if not (JS / "node_modules" / "faktory-worker").is_dir():
+        npm = shutil.which("npm")
+        if not npm:
+            return "npm is not installed (run: npm ci --prefix tests/js)"
+        done = subprocess.run([npm, "ci", "--prefix", str(JS), "--no-audit", "--no-fund",
+                               "--loglevel=error"], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            return f"npm ci --prefix tests/js failed: {done.stderr.strip()[-300:]}"
+    return None

@@ -9,7 +9,6 @@ Faktory server when ``TRACKER_FAKTORY_BIN`` names its binary (CI has none).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -23,11 +22,10 @@ import tempfile
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 from fake_faktory import FakeFaktory, pwdhash
-from helpers import acl_users, cleanup, missing, read_log
+from helpers import JS, Running, acl_users, cleanup, missing, read_log
 from pyfaktory import Client, Producer
 from pyfaktory.models import Job
 
@@ -40,33 +38,18 @@ from tracker.store import keys
 from tracker.store.deployment import Deployment
 from tracker.store.settings import Settings
 
-JS = Path(__file__).parent / "js"
 PASSWORD = "s3cret pass"
 
 
 # ----------------------------------------------------------------- harness
-class Proxy:
+class Proxy(Running):
     """A ProxyServer on its own loop in a daemon thread."""
 
     def __init__(self, d: Deployment, upstream: str, ca_file=None, **limits):
         lim = dict(handshake_timeout=1.0, idle_timeout=None)
         lim.update(limits)
-        self.server = ProxyServer(d.settings, d.partitions, Limits(**lim),
-                                  Upstream.parse(upstream, ca_file))
-        ready = threading.Event()
-        self.error = None
-
-        def main():
-            try:
-                asyncio.run(self.server.serve("127.0.0.1", 0, ready))
-            except BaseException as e:  # pragma: no cover - shown by the assert below
-                self.error = e
-                ready.set()
-
-        self.thread = threading.Thread(target=main, daemon=True)
-        self.thread.start()
-        assert ready.wait(10) and self.error is None, self.error
-        self.port = self.server.port
+        super().__init__(d, server=ProxyServer(d.settings, d.partitions, Limits(**lim),
+                                               Upstream.parse(upstream, ca_file)))
 
     def settle(self) -> None:
         """Wait until every event the proxy queued is appended."""
@@ -74,12 +57,6 @@ class Proxy:
         deadline = time.monotonic() + 5
         while (out.running or out.ops) and time.monotonic() < deadline:
             time.sleep(0.002)
-
-    def stop(self) -> None:
-        if self.thread.is_alive():
-            self.server.stop()
-            self.thread.join(15)
-            assert not self.thread.is_alive()
 
 
 class Wire:
@@ -797,28 +774,6 @@ def test_pyfaktory_producer_and_consumer(password, proxied, real_deployment):
         f.close()
 
 
-def _node_ready() -> str | None:
-    if not shutil.which("node"):
-        return "node is not installed"
-    if not (JS / "node_modules" / "faktory-worker").is_dir():
-        npm = shutil.which("npm")
-        if not npm:
-            return "npm is not installed (run: npm ci --prefix tests/js)"
-        done = subprocess.run([npm, "ci", "--prefix", str(JS), "--no-audit", "--no-fund",
-                               "--loglevel=error"], capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            return f"npm ci --prefix tests/js failed: {done.stderr.strip()[-300:]}"
-    return None
-
-
-@pytest.fixture(scope="module")
-def node():
-    why = _node_ready()
-    if why:
-        missing(f"Node client faktory-worker not available: {why}")
-    return shutil.which("node")
-
-
 @pytest.mark.parametrize("password", [None, PASSWORD], ids=["open", "password"])
 def test_node_worker_processes_jobs_through_the_proxy(node, password, proxied, real_deployment):
     d = real_deployment
@@ -854,7 +809,7 @@ def real_faktory():
     if not binary:
         pytest.skip("TRACKER_FAKTORY_BIN is not set (a Faktory binary; CI has none)")
     if not shutil.which("redis-server"):
-        pytest.skip("Faktory needs redis-server on PATH")
+        missing("Faktory needs redis-server on PATH")
     ports = []
     for _ in range(2):
         with socket.socket() as s:

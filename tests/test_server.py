@@ -13,20 +13,18 @@ import asyncio
 import hashlib
 import json
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import faktory
 import pytest
 import redis.asyncio as aredis
 from faktory.exceptions import FaktoryAuthenticationError
-from helpers import Raw, Running, cleanup, missing
+from helpers import JS, Raw, Running, cleanup
 from pyfaktory import Client
 from pyfaktory.util.exceptions import FaktroyWorkProtocolError
 from redis.asyncio.retry import Retry
@@ -40,7 +38,6 @@ from tracker.server.fwp import pwdhash
 from tracker.store.deployment import Deployment
 from tracker.store.settings import Settings
 
-JS = Path(__file__).parent / "js"
 PASSWORD = "s3cret pass"  # a space, as real passwords have
 
 
@@ -403,29 +400,6 @@ def test_pypi_faktory_round_trip(served, real_deployment, password):
     if password:
         with pytest.raises(FaktoryAuthenticationError):
             faktory.Client(f"tcp://:wrong@127.0.0.1:{port}").connect()
-
-
-def _node_ready() -> str | None:
-    """Why the Node client cannot run, or None when it can (installing its deps if need be)."""
-    if not shutil.which("node"):
-        return "node is not installed"
-    if not (JS / "node_modules" / "faktory-worker").is_dir():
-        npm = shutil.which("npm")
-        if not npm:
-            return "npm is not installed (run: npm ci --prefix tests/js)"
-        done = subprocess.run([npm, "ci", "--prefix", str(JS), "--no-audit", "--no-fund",
-                               "--loglevel=error"], capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            return f"npm ci --prefix tests/js failed: {done.stderr.strip()[-300:]}"
-    return None
-
-
-@pytest.fixture(scope="module")
-def node():
-    why = _node_ready()
-    if why:
-        missing(f"Node client faktory-worker not available: {why}")
-    return shutil.which("node")
 
 
 def _node(node, port, password, mode, jid) -> dict:

@@ -94,13 +94,9 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         srv = self.server
-        if len(srv.conns) >= srv.limits.max_connections or srv.stopping:
-            transport.write(b"-ERR too many connections\r\n" if not srv.stopping
-                            else b"-ERR shutting down\r\n")
+        if not srv.admit(self, transport):
             self.closed = True
-            transport.close()
             return
-        srv.conns.add(self)
         if srv.password:
             self.salt = secrets.token_hex(8)
             self.iterations = 4096 + secrets.randbelow(4096)  # Faktory's range
@@ -368,6 +364,17 @@ class Server:
 
     async def closing(self) -> None:
         """Runs once every connection is gone, before the Redis client closes."""
+
+    def admit(self, conn: Any, transport: Any) -> bool:
+        """Take a new connection in, or refuse it (too many, or shutting down): the
+        client gets one -ERR line and the socket closes."""
+        if len(self.conns) >= self.limits.max_connections or self.stopping:
+            transport.write(b"-ERR too many connections\r\n" if not self.stopping
+                            else b"-ERR shutting down\r\n")
+            transport.close()
+            return False
+        self.conns.add(conn)
+        return True
 
     def stop(self) -> None:
         """Thread-safe: begin a graceful shutdown."""

@@ -112,14 +112,9 @@ class ClientSide(asyncio.Protocol):
     # -- the client's socket ------------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
-        srv = self.server
-        if len(srv.conns) >= srv.limits.max_connections or srv.stopping:
-            transport.write(b"-ERR too many connections\r\n" if not srv.stopping
-                            else b"-ERR shutting down\r\n")
+        if not self.server.admit(self, transport):
             self.closed = True
-            transport.close()
             return
-        srv.conns.add(self)
         self.connecting = asyncio.ensure_future(self._connect())
 
     async def _connect(self) -> None:
