@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,6 +40,7 @@ from tracker.projector import Projector
 
 BROKER_REDIS = os.environ.get("TRACKER_TEST_BROKER_REDIS", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("TRACKER_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
+RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")  # updated_at as TRACK GET prints it
 TIMEOUT = 30.0  # seconds any one wait may take before the test fails
 
 

@@ -9,7 +9,6 @@ producer side, whose ``before_task_publish`` publishes ``enqueued``).
 from __future__ import annotations
 
 import importlib
-import re
 import sys
 import uuid
 
@@ -18,6 +17,7 @@ from integration_support import (
     AMQP_URL,
     BROKER_REDIS,
     JOB_HELPERS,
+    RFC3339,
     Run,
     WorkerProcess,
     bin_path,
@@ -73,9 +73,6 @@ def doomed(self):
 def plain():
     mark_done()
 '''
-
-RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
-
 
 @pytest.fixture(scope="module", params=["amqp", "redis"])
 def celery_world(request, tmp_path_factory):

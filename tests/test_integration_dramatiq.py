@@ -10,12 +10,12 @@ while the first blocks on its gate. Retries back off 0.1-0.2 s.
 from __future__ import annotations
 
 import importlib
-import re
 import sys
 
 import pytest
 from integration_support import (
     JOB_HELPERS,
+    RFC3339,
     Run,
     WorkerProcess,
     bin_path,
@@ -67,9 +67,6 @@ def doomed():
 def plain():
     mark_done()
 '''
-
-RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
-
 
 @pytest.fixture(scope="module")
 def dramatiq_world(tmp_path_factory):

@@ -9,12 +9,11 @@ blocks on its gate.
 
 from __future__ import annotations
 
-import re
-
 import pytest
 from integration_support import (
     BROKER_REDIS,
     JOB_HELPERS,
+    RFC3339,
     Run,
     WorkerProcess,
     bin_path,
@@ -61,9 +60,6 @@ def asks_for_retry():
 def plain():
     mark_done()
 '''
-
-RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
-
 
 @pytest.fixture(scope="module")
 def rq_world(tmp_path_factory):
