@@ -62,7 +62,7 @@ def job(pub, jid, percent=10, finish=True):
 
 
 def gen(d, part):
-    return int(d.client.hget(keys.meta(d.prefix, part), "gen") or 0)
+    return packed.geometry(d.client, d.prefix, part).gen
 
 
 def test_lua_key_rules_match_keys_py(deployment):

@@ -98,7 +98,7 @@ def partition_of(jid: str, partitions: int) -> int:
 def meta(prefix: str, partition: int) -> str:
     """Hash of per-partition state the scripts read: ``geo`` (the live generation and its
     bucket geometry, ``gen:b0:level:split``; absent = generation 0 with one bucket),
-    ``gen`` (the live generation again, for tools), ``n`` (fields in its buckets), ``pos``
+    ``n`` (fields in its buckets), ``pos``
     (the newest entry folded), ``retention`` (ms, for the history's visibility) and ``sw``
     (the sweep's next bucket)."""
     return f"{tag(prefix, partition)}:meta"

@@ -69,7 +69,8 @@ if mode == 'begin' then
   if redis.call('EXISTS', state) == 1 then
     return redis.error_reply('BUSY a rebuild of this partition is already running')
   end
-  -- (A deployment of the layout before buckets has 'gen' and no 'geo'.)
+  -- (A deployment of the layout before buckets has 'gen' and no 'geo'; 'geo' alone names
+  -- the live generation since.)
   local m = redis.call('HMGET', meta, 'geo', 'gen')
   local cur = m[1] and live.g.gen or tonumber(m[2] or '0') or 0
   local g = {gen = cur + 1, b0 = math.max(P.B0, math.ceil(live.n / P.ALPHA)), bl = 0, bs = 0}
@@ -238,6 +239,6 @@ Snap.expire(S)
 if not has_group and pos ~= '0-0' then
   redis.call('XGROUP', 'CREATE', stream, group, pos, 'MKSTREAM')
 end
-redis.call('HSET', meta, 'gen', gen, 'geo', P.geo(S.g), 'n', S.n, 'sw', 0)
+redis.call('HSET', meta, 'geo', P.geo(S.g), 'n', S.n, 'sw', 0)
 redis.call('DEL', state, held, partial)
 return {folded, poisoned, pos, kept, old_gen}
