@@ -1,6 +1,6 @@
 """Least privilege: three Redis ACL users, each enough for its role and no more.
 
-Against the shared Redis 7 (TRACKER_REDIS_URL, else 127.0.0.1:6379); users are
+Against the suite's real Redis (TRACKER_REDIS_URL, else the embedded one); users are
 named after the test's prefix and deleted at the end. For each role: it works with
 exactly the listed rules; it fails cleanly (TrackerError: one line, exit code 1,
 no password) with any one rule taken away; it cannot do what other roles do.
@@ -29,8 +29,15 @@ from tracker.store.deployment import Deployment
 from tracker.store.scripts import source
 from tracker.store.settings import Settings
 
-URL = os.environ.get("TRACKER_REDIS_URL") or os.environ.get("REDIS_URL") \
-    or "redis://127.0.0.1:6379/0"
+URL = ""  # the suite's real Redis (conftest's real_redis_url), set by the fixture below
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _real_url(real_redis_url):
+    """Every test here talks to the suite's real Redis: TRACKER_REDIS_URL, else the embedded
+    one (a unix socket), as a new user's `pytest` gets."""
+    global URL
+    URL = real_redis_url
 
 
 def roles(p: str) -> dict[str, list[str]]:
@@ -38,7 +45,7 @@ def roles(p: str) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def env():
+def env(_real_url):
     admin = redis.Redis.from_url(URL)
     p = "tacl" + uuid.uuid4().hex[:8]
     # An admin creates the deployment (config hash, groups) before the roles use it.

@@ -13,8 +13,7 @@ import time
 import uuid
 
 import pytest
-import redis
-from helpers import Raw, Running, open_deployment, wipe
+from helpers import Raw, Running, acl_users, open_deployment, wipe
 
 from tracker.aio import AsyncTracker
 from tracker.errors import TrackerError
@@ -179,27 +178,24 @@ def test_emit_then_get_without_a_daemon(cli_env):
 
 def test_a_reader_without_write_rights_waits_instead_of_folding(real_redis_url, prefix):
     """The least-privilege reader cannot fold: it falls back to waiting, writes nothing."""
-    admin = redis.Redis.from_url(real_redis_url)
-    user, pw = f"{prefix}-ro", "pw-" + uuid.uuid4().hex
     d = open_deployment("real", real_redis_url, prefix, partitions=1)
+    rules = ["+hello", "+info", "+hget", "+hmget", "+evalsha", "+script|load", "+time",
+             "+xrevrange", "+get", "+xrange", f"~{{{prefix}:*}}:log", f"~{{{prefix}:*}}:meta",
+             f"~{{{prefix}:*}}:fence",
+             # (~, not Redis 7's %R~, so the 6.2 run has it too: no write command is granted)
+             f"~{{{prefix}:*}}:b*", f"~{{{prefix}:*}}:v*", f"~{prefix}:config"]
     try:
-        admin.execute_command(
-            "ACL", "SETUSER", user, "on", f">{pw}", "resetkeys", "-@all", "+hello", "+info",
-            "+hget", "+hmget", "+evalsha", "+script|load", "+time", "+xrevrange", "+get",
-            "+xrange", f"~{{{prefix}:*}}:log", f"~{{{prefix}:*}}:meta", f"~{{{prefix}:*}}:fence",
-            # (~, not Redis 7's %R~, so the 6.2 run has it too: no write command is granted)
-            f"~{{{prefix}:*}}:b*", f"~{{{prefix}:*}}:v*", f"~{prefix}:config")
-        url = real_redis_url.replace("redis://", f"redis://{user}:{pw}@", 1)
-        ro = Deployment.open(Settings(redis_url=url, prefix=prefix, read_timeout=0.3))
-        t = Tracker(ro)
-        Tracker(d).publisher.enqueued("ro-1", custom={"track": 1})
-        with pytest.raises(TrackerError, match="is `tracker project` running"):
-            t.get("ro-1")
-        assert t.fresh.mode == "wait"
-        Projector(d, consumer="admin").drain()
-        assert t.get("ro-1")["state"] == "enqueued"
-        ro.close()
+        with acl_users(real_redis_url, prefix) as user:  # (also on the embedded socket)
+            ro = Deployment.open(Settings(redis_url=user("ro", rules), prefix=prefix,
+                                          read_timeout=0.3))
+            t = Tracker(ro)
+            Tracker(d).publisher.enqueued("ro-1", custom={"track": 1})
+            with pytest.raises(TrackerError, match="is `tracker project` running"):
+                t.get("ro-1")
+            assert t.fresh.mode == "wait"
+            Projector(d, consumer="admin").drain()
+            assert t.get("ro-1")["state"] == "enqueued"
+            ro.close()
     finally:
-        admin.acl_deluser(user)
         wipe(d)
         d.close()
