@@ -282,9 +282,11 @@ class Raw:
 # ------------------------------------------------------------------ ACL roles
 def _reader(p: str) -> list[str]:
     # get.lua names the log and meta keys (EVALSHA needs full rights on declared keys) and
-    # reads the buckets (HGET) and overflow strings (GET) it finds from them; list reads
-    # the state index, history the log.
-    return ["+hello", "+info", "+evalsha", "+script|load", "+hmget", "+hget", "+time", "+get",
+    # reads the buckets (HGET) and overflow strings (GET) it finds from them; a read tries
+    # the same commands in one MULTI/EXEC first (tracker.store.direct); list reads the
+    # state index, history the log.
+    return ["+hello", "+info", "+evalsha", "+script|load", "+multi", "+exec", "+hmget", "+hget",
+            "+time", "+get",
             "+xrange", "+xrevrange", "+zrevrangebyscore", f"~{{{p}:*}}:log", f"~{{{p}:*}}:meta",
             f"~{{{p}:*}}:fence", f"%R~{{{p}:*}}:b*", f"%R~{{{p}:*}}:v*", f"%R~{{{p}:*}}:s*",
             f"%R~{p}:config"]

@@ -20,7 +20,7 @@ from tracker.errors import ConfigError, TrackerError, ValidationError
 from tracker.projector import Projector
 from tracker.publisher import Publisher
 from tracker.query import Tracker
-from tracker.store import keys
+from tracker.store import direct, keys
 from tracker.store.deployment import Deployment
 from tracker.store.settings import Settings
 
@@ -300,17 +300,29 @@ def test_get_many_keeps_order_across_partitions(pub, tracker, projector, deploym
 
 
 class _Trips:
-    """Counts writes to a Redis socket (each is one round trip)."""
+    """Counts writes to a Redis socket (each is one round trip): redis-py's, and the
+    script-free reads' (tracker.store.direct writes to the socket itself)."""
 
     def __init__(self, monkeypatch):
         self.n = 0
+        self.inside = False
         orig = AbstractConnection.send_packed_command  # TCP, unix socket and fakeredis alike
+        orig_direct = direct._send
 
         def spy(conn, command, check_health=True):
-            self.n += 1
+            self.n += 0 if self.inside else 1
             return orig(conn, command, check_health)
 
+        def spy_direct(*args):
+            self.n += 1
+            self.inside = True  # without hiredis or on fakeredis it sends through redis-py
+            try:
+                return orig_direct(*args)
+            finally:
+                self.inside = False
+
         monkeypatch.setattr(AbstractConnection, "send_packed_command", spy)
+        monkeypatch.setattr(direct, "_send", spy_direct)
 
 
 def test_get_of_one_jid_is_one_round_trip(pub, tracker, projector, monkeypatch):

@@ -36,6 +36,7 @@ from tracker.publisher import Publisher
 from tracker.query import Tracker
 from tracker.server.fwp import pwdhash
 from tracker.store.deployment import Deployment
+from tracker.store.direct import AsyncDirect
 from tracker.store.settings import Settings
 
 PASSWORD = "s3cret pass"  # a space, as real passwords have
@@ -252,16 +253,17 @@ def test_redis_outage_is_a_clean_error(served):
     c = Raw(r.port)
     c.hello()
     tracker = r.server.tracker
-    good = tracker.client
+    good, good_direct = tracker.client, tracker.direct
     tracker.client = aredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=1,
                                   retry=Retry(NoBackoff(), 0))  # a Redis that is not there
+    tracker.direct = AsyncDirect(tracker.client, tracker.prefix)  # for both ways of reading
     try:
         c.send(b"TRACK GET x\r\n")
         assert c.line() == b"-ERR tracker cannot reach its Redis; try again"
         c.send(b'TRACK SET {"jid":"x","percent":1}\r\n')
         assert c.line() == b"-ERR tracker cannot reach its Redis; try again"
     finally:
-        tracker.client = good
+        tracker.client, tracker.direct = good, good_direct
     c.send(b"TRACK GET x\r\n")
     assert json.loads(c.reply())["state"] == "unknown"
 

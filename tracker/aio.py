@@ -1,13 +1,15 @@
 """TRACK GET and TRACK SET on redis.asyncio, for ``tracker serve``.
 
-The async twin of ``tracker.query.Tracker``: the same key names, the same
-``get.lua``, the same validation and the same answer-building helpers
-(``query.plan``, ``query.track_answer``, ``events.decode_trackset_json``), so
-the two cannot drift apart. Only the transport differs.
+The async twin of ``tracker.query.Tracker``: the same key names, the same reads
+(``tracker.store.direct``'s transaction first, else ``get.lua``), the same validation
+and the same answer-building helpers (``query.plan``, ``answer``,
+``events.decode_trackset_json``), so the two cannot drift apart. Only the transport
+differs.
 
 ``get`` coalesces: every GET asked for in one turn of the event loop goes to
-Redis together, one ``get.lua`` call per partition in one pipeline, exactly as
-``Tracker.get_many`` does, with at most ``MAX_INFLIGHT`` batches out at once.
+Redis together, in one transaction for every partition (or one ``get.lua`` call per
+partition in one pipeline), exactly as ``Tracker.get_many`` does, with at most
+``MAX_INFLIGHT`` batches out at once.
 With many connections the server then pays one round trip per batch instead
 of one per request.
 """
@@ -26,11 +28,12 @@ from tracker.freshness import POLL, READER, STEP, Freshness, behind
 from tracker.listing import Merge, Query, TrackPage, count_call, totals
 from tracker.projector import project_call
 from tracker.publisher import append_async
-from tracker.query import get_call, plan
+from tracker.query import get_call, plan, stored_track
 from tracker.store import keys, scripts
 from tracker.store.boundary import check, redis_errors
 from tracker.store.connection import create_async_client
 from tracker.store.deployment import Deployment
+from tracker.store.direct import AsyncDirect
 from tracker.store.settings import Settings
 
 # Batches of GETs in flight at once. While one is out, new GETs queue and go together:
@@ -56,6 +59,7 @@ class AsyncTracker:
         self._waiting: dict[int, list[tuple[str, asyncio.Future]]] = {}
         self._scheduled = False
         self._inflight = 0
+        self.direct = AsyncDirect(client, self.prefix, check_tip=self.fresh.need == "")
 
     @classmethod
     async def open(cls, settings: Settings, partitions: Optional[int] = None,
@@ -117,6 +121,15 @@ class AsyncTracker:
 
     async def _fetch(self, batch: dict[int, list[tuple[str, asyncio.Future]]]) -> None:
         try:
+            got = await self.direct.read({p: [jid for jid, _ in g] for p, g in batch.items()})
+            if got is not None:
+                now, values = got
+                for part, group in batch.items():
+                    for (jid, fut), v in zip(group, values[part]):
+                        if not fut.done():
+                            fut.set_result(answer.answer_of(
+                                jid, None if v is None else stored_track(v), now))
+                return
             replies = await self._rows(batch)
         except BaseException as e:  # every waiter hears about it, nothing hangs
             for group in batch.values():

@@ -41,14 +41,6 @@ def track_answer(jid: str, row: list, now_ms: int) -> dict:
     return out
 
 
-def reservation(row: list, now_ms: int) -> Optional[dt.datetime]:
-    """The live reservation of a stored row (a working job), or None."""
-    s, _p, _d, _u, r, x = row
-    if s != b"working" or r is None or x is None or int(x) <= now_ms or int(r) <= now_ms:
-        return None
-    return dt.datetime.fromtimestamp(int(r) / 1000, dt.UTC)
-
-
 def stored_fields(track: Optional[Track]) -> Optional[dict]:
     """The snapshot fields (text, by letter) the projector stores for ``track``."""
     if track is None:
@@ -66,7 +58,34 @@ def track_row(track: Track) -> list:
 
 
 def answer_of(jid: str, track: Optional[Track], at_ms: int) -> dict:
-    """TRACK GET's object for a folded track, exactly as a live read writes it."""
-    if track is None:
+    """TRACK GET's object for a track (folded, or decoded from its stored value) at
+    ``at_ms``: the same object ``track_answer`` makes of its stored row."""
+    if track is None or track.expires_at <= at_ms:
         return unknown(jid)
-    return track_answer(jid, track_row(track), at_ms)
+    out: dict[str, Any] = {"jid": jid}
+    if track.percent is not None:
+        out["percent"] = track.percent
+    if track.desc is not None:
+        out["desc"] = track.desc
+    out["state"] = track.state
+    out["updated_at"] = events.format_time(track.updated_at)
+    return out
+
+
+def row_track(row: list) -> Optional[Track]:
+    """The track of a stored row (None for an absent one); the queue is not in rows."""
+    s, p, d, u, r, x = row
+    if s is None or x is None:
+        return None
+    return Track(state=s.decode(), updated_at=int(u), expires_at=int(x),
+                 reserved_until=int(r) if r is not None else 0,
+                 percent=int(p) if p is not None else None,
+                 desc=d.decode() if d is not None else None)
+
+
+def reservation(track: Optional[Track], now_ms: int) -> Optional[dt.datetime]:
+    """The live reservation of a track (a working job), or None."""
+    if track is None or track.state != "working" or track.expires_at <= now_ms \
+            or track.reserved_until <= now_ms:
+        return None
+    return dt.datetime.fromtimestamp(track.reserved_until / 1000, dt.UTC)

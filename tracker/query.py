@@ -1,9 +1,11 @@
 """Answering TRACK GET and taking TRACK SET, for Python callers.
 
-Reads go through ``get.lua`` so that expiry is judged by Redis's clock, the
-clock that stamped the events the fold computed it from. ``get_many`` sends one
-script call per partition in a single pipeline: one round trip, and never a
-command across partitions.
+Reads judge expiry by Redis's clock, the clock that stamped the events the fold
+computed it from. A read is first one MULTI/EXEC of plain commands
+(``tracker.store.direct``: no script, one round trip for every partition asked); when
+that cannot answer (the fold is behind the log, a bucket split or a rebuild switched
+since, a long value, a cluster) it goes through ``get.lua``, one script call per
+partition in a single pipeline, which waits for or folds the lag.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
+from projections.track import Track
 from tracker import answer, events, history
 from tracker.freshness import POLL, READER, STEP, Freshness, behind
 from tracker.listing import Merge, Query, TrackPage, count_call, totals
 from tracker.projector import Projector
 from tracker.publisher import Publisher
-from tracker.store import keys, scripts
+from tracker.store import keys, packed, scripts
 from tracker.store.boundary import check
 from tracker.store.deployment import Deployment
+from tracker.store.direct import Direct
 from tracker.store.settings import Settings
 
 
@@ -40,6 +44,14 @@ def plan(partitions: int, jids: list[str]) -> dict[int, list[int]]:
     return groups
 
 
+def stored_track(v: bytes) -> Optional[Track]:
+    """A stored value's track; None for bytes tracker did not write (get.lua's pcall)."""
+    try:
+        return packed.snapshot(v)
+    except ValueError:
+        return None
+
+
 class Tracker:
     """Query and update tracks. ``Tracker.connect()`` with no URL uses the embedded Redis."""
 
@@ -48,6 +60,8 @@ class Tracker:
         self.publisher = Publisher(deployment)
         self.fresh = Freshness(deployment.settings)
         self._folder = Projector(deployment, consumer=READER, batch=STEP)
+        self.direct = Direct(deployment.client, deployment.prefix,
+                             check_tip=self.fresh.need == "")
 
     @classmethod
     def connect(cls, redis_url: Optional[str] = None, **settings: Any) -> Tracker:
@@ -62,9 +76,21 @@ class Tracker:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _rows(self, jids: list[str]) -> tuple[list, int]:
-        """get.lua's rows for ``jids`` (one round trip when the fold is not behind)."""
-        return self._read(plan(self.deployment.partitions, jids), jids)
+    def _tracks(self, jids: list[str]) -> tuple[list[Optional[Track]], int]:
+        """The stored tracks of ``jids`` (None: none stored) and Redis's clock: one round
+        trip when the fold is not behind."""
+        groups = plan(self.deployment.partitions, jids)
+        got = self.direct.read({p: [jids[i] for i in idx] for p, idx in groups.items()})
+        if got is None:
+            rows, now = self._read(groups, jids)
+            return [answer.row_track(r) for r in rows], now
+        now, values = got
+        tracks: list[Optional[Track]] = [None] * len(jids)
+        for part, idx in groups.items():
+            for i, v in zip(idx, values[part]):
+                if v is not None:
+                    tracks[i] = stored_track(v)
+        return tracks, now
 
     def settle(self, parts: Iterable[int]) -> None:
         """Bring the fold of ``parts`` to the log's tip now (what every read does first)."""
@@ -150,16 +176,16 @@ class Tracker:
 
     def get(self, jid: str) -> dict:
         """TRACK GET: the contract's JSON object for one JID (never None)."""
-        rows, now = self._rows([jid])
-        return answer.track_answer(jid, rows[0], now)
+        tracks, now = self._tracks([jid])
+        return answer.answer_of(jid, tracks[0], now)
 
     def get_many(self, jids: Iterable[str]) -> list[dict]:
         """TRACK GET for many JIDs in one round trip, in the order given."""
         jids = list(jids)
         if not jids:
             return []
-        rows, now = self._rows(jids)
-        return [answer.track_answer(j, r, now) for j, r in zip(jids, rows)]
+        tracks, now = self._tracks(jids)
+        return [answer.answer_of(j, t, now) for j, t in zip(jids, tracks)]
 
     def get_at(self, jid: str, at: Any) -> dict:
         """TRACK GET as of a past time (epoch ms, aware datetime, RFC 3339 or '-10m')."""
@@ -180,8 +206,8 @@ class Tracker:
 
         A job server checks this before reaping a job whose own reservation ran out.
         """
-        rows, now = self._rows([jid])
-        return answer.reservation(rows[0], now)
+        tracks, now = self._tracks([jid])
+        return answer.reservation(tracks[0], now)
 
     def set(self, jid: str, percent: Optional[int] = None, desc: Optional[str] = None,
             reserve_until: Any = None) -> str:

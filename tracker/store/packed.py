@@ -96,36 +96,50 @@ def decode(v: bytes) -> Value:
         raise ValueError(f"not a packed value: {v[:16]!r}") from e
 
 
-def _decode(v: bytes) -> Value:
+def snapshot(v: bytes) -> Optional[Track]:
+    """The snapshot alone (None: a history-only value), skipping the history: what a read
+    needs (tracker.store.direct). ValueError for bytes tracker did not write."""
+    try:
+        return _snapshot(v)[0]
+    except (IndexError, UnicodeDecodeError) as e:
+        raise ValueError(f"not a packed value: {v[:16]!r}") from e
+
+
+def _snapshot(v: bytes) -> tuple[Optional[Track], int, int]:
+    """(track or None, offset of the history, T)."""
     h = v[0]
     if len(v) < 7 or h >= 128 or h % 8 > 5 or (h % 8 == 0 and h):
         raise ValueError(f"not a packed value: {v[:16]!r}")
     T = int.from_bytes(v[1:7], "big")
-    i, track = 7, None
-    if h % 8:
-        xd, i = _rvar(v, i)
-        r = 0
-        if h & 32:
-            rd, i = _rvar(v, i)
-            r = T + (rd // 2 if rd % 2 == 0 else -(rd + 1) // 2)
-        percent = desc = queue = None
-        if h & 8:
-            percent = v[i]
-            i += 1
-        texts: list[Optional[str]] = []
-        for bit in (16, 64):
-            if h & bit:
-                n, i = _rvar(v, i)
-                if i + n > len(v):
-                    raise ValueError(f"not a packed value: {v[:16]!r}")
-                texts.append(v[i:i + n].decode("utf-8", "surrogateescape"))
-                i += n
-            else:
-                texts.append(None)
-        desc, queue = texts
-        track = Track(state=STATES[h % 8], updated_at=T, expires_at=max(T, r) + xd,
-                      reserved_until=r, percent=percent, desc=desc, queue=queue)
-    entries, prev = [], T
+    if not h % 8:
+        return None, 7, T
+    xd, i = _rvar(v, 7)
+    r = 0
+    if h & 32:
+        rd, i = _rvar(v, i)
+        r = T + (rd // 2 if rd % 2 == 0 else -(rd + 1) // 2)
+    percent = None
+    if h & 8:
+        percent = v[i]
+        i += 1
+    texts: list[Optional[str]] = []
+    for bit in (16, 64):
+        if h & bit:
+            n, i = _rvar(v, i)
+            if i + n > len(v):
+                raise ValueError(f"not a packed value: {v[:16]!r}")
+            texts.append(v[i:i + n].decode("utf-8", "surrogateescape"))
+            i += n
+        else:
+            texts.append(None)
+    desc, queue = texts
+    return Track(state=STATES[h % 8], updated_at=T, expires_at=max(T, r) + xd,
+                 reserved_until=r, percent=percent, desc=desc, queue=queue), i, T
+
+
+def _decode(v: bytes) -> Value:
+    track, i, prev = _snapshot(v)
+    entries = []
     while i < len(v):
         md, i = _rvar(v, i)
         seq, i = _rvar(v, i)
@@ -155,7 +169,7 @@ def parse_id(eid: str) -> Entry:
 
 def bucket_hash(jid: str) -> int:
     """The first 32 bits of SHA-1 of the JID (Lua: redis.sha1hex)."""
-    return int(hashlib.sha1(jid.encode("utf-8", "surrogatepass")).hexdigest()[:8], 16)
+    return int.from_bytes(hashlib.sha1(jid.encode("utf-8", "surrogatepass")).digest()[:4], "big")
 
 
 class Geometry(NamedTuple):
