@@ -261,6 +261,22 @@ def _gets(reader: Any) -> Any:
     return reply
 
 
+def _drain(reader: Any, left: int, reply: Any) -> tuple[int, Any]:
+    """Take the replies hiredis has whole: (replies still to come, the last one taken)."""
+    while left:
+        got = _gets(reader)
+        if got is False:
+            break
+        reply, left = got, left - 1
+    return left, reply
+
+
+def _feed(reader: Any, chunk: bytes) -> None:
+    if not chunk:
+        raise redis.ConnectionError("connection closed by the server")
+    reader.feed(chunk)
+
+
 async def _asend(conn: Any, data: bytes, n: int, reader: Any) -> Any:
     """``_send`` on a redis.asyncio connection (its stream reader and writer)."""
     if getattr(conn, "_writer", None) is None:
@@ -275,16 +291,11 @@ async def _asend(conn: Any, data: bytes, n: int, reader: Any) -> Any:
     left, reply = n, None
     async with asyncio.timeout(conn.socket_timeout):
         await writer.drain()
-        while left:
-            reply = _gets(reader)
-            if reply is False:
-                chunk = await stream.read(65536)
-                if not chunk:
-                    raise redis.ConnectionError("connection closed by the server")
-                reader.feed(chunk)
-                continue
-            left -= 1
-    return reply
+        while True:
+            left, reply = _drain(reader, left, reply)
+            if not left:
+                return reply
+            _feed(reader, await stream.read(65536))
 
 
 def _send(conn: Any, data: bytes, n: int, reader: Any) -> Any:
@@ -301,14 +312,9 @@ def _send(conn: Any, data: bytes, n: int, reader: Any) -> Any:
         return conn.read_response()
     sock.sendall(data)
     left, reply = n, None
-    while left:
-        reply = _gets(reader)
-        if reply is False:
-            data = sock.recv(65536)
-            if not data:
-                raise redis.ConnectionError("connection closed by the server")
-            reader.feed(data)
-            continue
-        left -= 1
-    return reply
+    while True:
+        left, reply = _drain(reader, left, reply)
+        if not left:
+            return reply
+        _feed(reader, sock.recv(65536))
 
