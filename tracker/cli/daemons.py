@@ -77,6 +77,10 @@ def project(app, consumer, once, batch, claim_idle, grace, as_json, metrics_port
 @click.option("--max-connections", type=click.IntRange(1), default=1000, show_default=True)
 @click.option("--handshake-timeout", type=click.FloatRange(0.1), default=5.0, show_default=True,
               metavar="SECONDS", help="Time a client has to send HELLO.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              envvar="TRACKER_SERVE_WORKERS", show_envvar=True,
+              help="Server processes sharing the port (SO_REUSEPORT, Linux): one answers on "
+                   "one core. Limits such as --max-connections are per worker.")
 @click.option("--no-uvloop", is_flag=True, help="Use asyncio's own event loop even if uvloop is "
                                                 "installed (pip install 'tracker[fast]').")
 @pass_app

@@ -19,7 +19,6 @@ import asyncio
 import logging
 import secrets
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -29,6 +28,7 @@ import msgspec
 from tracker import events
 from tracker.aio import AsyncTracker
 from tracker.errors import RedisUnavailable, TrackerError, ValidationError
+from tracker.server import workers as workers_mod
 from tracker.server.wire import bulk, check_password, err_line, pwdhash, shown
 from tracker.store.deployment import Deployment
 from tracker.store.settings import Settings
@@ -308,8 +308,11 @@ class Server:
         self._server: Optional[asyncio.base_events.Server] = None
         self._stop: Optional[asyncio.Event] = None
         self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.reuse_port = False  # one of several workers on the port (tracker.server.workers)
 
-    async def serve(self, host: str, port: int, ready: Optional[threading.Event] = None) -> None:
+    async def serve(self, host: str, port: int, ready: Any = None) -> None:
+        """Listen and serve until stop(); ``ready.set()`` once listening (a threading.Event,
+        or a worker's ``workers.Ready``)."""
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self.lost = asyncio.Event()
@@ -317,7 +320,8 @@ class Server:
         try:
             await self.opened()
             self._server = await self.loop.create_server(self.protocol, host, port,
-                                                         backlog=1024, reuse_address=True)
+                                                         backlog=1024, reuse_address=True,
+                                                         reuse_port=self.reuse_port or None)
             sock = self._server.sockets[0].getsockname()
             self.port = sock[1]
             log.info("serving Faktory protocol on %s:%d%s", host, self.port, self.describe())
@@ -405,13 +409,13 @@ class Server:
 
 def run(settings: Settings, host: str, port: int, password: Optional[str], max_line: int,
         idle_timeout: Optional[float], max_connections: int, handshake_timeout: float,
-        fast_loop: bool = True) -> None:
+        fast_loop: bool = True, workers: int = 1) -> None:
     """Serve until SIGINT/SIGTERM. Redis problems at start raise TrackerError (exit 1)."""
     partitions = partitions_of(settings)
     server = Server(settings, partitions, password,
                     Limits(max_line, 300.0 if idle_timeout is None else idle_timeout,
                            max_connections, handshake_timeout))
-    run_server(server, host, port, loop_factory(fast_loop))
+    run_server(server, host, port, loop_factory(fast_loop), workers)
 
 
 def loop_factory(fast: bool) -> Any:
@@ -427,11 +431,25 @@ def partitions_of(settings: Settings) -> int:
     return partitions
 
 
-def run_server(server: Server, host: str, port: int, loop_factory: Any = None) -> None:
-    """Run ``server`` until SIGINT/SIGTERM, on ``loop_factory()``'s loop if given."""
+def run_server(server: Server, host: str, port: int, loop_factory: Any = None,
+               workers: int = 1) -> None:
+    """Run ``server`` until SIGINT/SIGTERM, on ``loop_factory()``'s loop if given; with
+    ``workers`` > 1, in that many forked processes on the one port."""
     if log.getEffectiveLevel() > logging.INFO:
         log.setLevel(logging.INFO)  # a daemon says where it listens and when it stops
+    if workers <= 1:
+        _run_loop(server, host, port, loop_factory)
+        return
 
+    def one(port: int, ready: workers_mod.Ready) -> None:
+        server.reuse_port = True
+        _run_loop(server, host, port, loop_factory, ready)
+
+    workers_mod.run(workers, host, port, one)
+
+
+def _run_loop(server: Server, host: str, port: int, loop_factory: Any,
+              ready: Any = None) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -439,7 +457,7 @@ def run_server(server: Server, host: str, port: int, loop_factory: Any = None) -
                 loop.add_signal_handler(sig, server.stop)
             except (ValueError, RuntimeError, NotImplementedError):
                 pass  # not the main thread: the caller stops us with server.stop()
-        await server.serve(host, port)
+        await server.serve(host, port, ready)
 
     try:
         if loop_factory is None:

@@ -430,9 +430,9 @@ class ProxyServer(fwp.Server):
 
 def run(settings: Settings, upstream: Upstream, host: str, port: int, max_line: int,
         idle_timeout: Optional[float], max_connections: int, handshake_timeout: float,
-        fast_loop: bool = True) -> None:
+        fast_loop: bool = True, workers: int = 1) -> None:
     """Serve the proxy until SIGINT/SIGTERM (Redis problems at start: TrackerError)."""
     server = ProxyServer(settings, fwp.partitions_of(settings),
                          fwp.Limits(max_line, idle_timeout, max_connections, handshake_timeout),
                          upstream)
-    fwp.run_server(server, host, port, fwp.loop_factory(fast_loop))
+    fwp.run_server(server, host, port, fwp.loop_factory(fast_loop), workers)
