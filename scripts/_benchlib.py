@@ -60,6 +60,18 @@ def free_port() -> int:
     raise RuntimeError("no free port in 20000-40000")
 
 
+def stop_process(proc: subprocess.Popen, tmpdir: Optional[str] = None) -> None:
+    """Terminate a server this bench started (kill it after 10 s), then remove its dir."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    if tmpdir:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
 class PrivateRedis:
     """A throw-away redis-server on a free port, no persistence; ``stop()`` kills it."""
 
@@ -84,13 +96,7 @@ class PrivateRedis:
                 time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        stop_process(self.proc, self.dir)
 
 
 # -------------------------------------------------------------- deployments, keys

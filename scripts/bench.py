@@ -33,6 +33,7 @@ Metric names (stable; --json PATH writes them as "rows", plus raw "figures", the
   list_working_p50_ms       Tracker.list_tracks("working"), many tracks vs 50 pipelined HGETALL
   state_index_bytes_per_track  MEMORY USAGE of the state index per listed track
   serve_track_get_per_s_50conn TRACK GET over `tracker serve`   vs redis-benchmark -t get -c 50  >= 0.6x
+  serve_2workers_track_get_per_s_50conn  the same over `tracker serve --workers 2`, same rounds
   loadgen_redis_get_per_s_50conn  the bench's load generator on Redis GET vs redis-benchmark
   serve_track_get_p50_ms_1conn    one connection, p50           vs the same generator on Redis GET
 
@@ -41,7 +42,9 @@ defined once, in scripts/_benchlib.py (NAIVE): per event one HSET of the track's
 plus one PEXPIREAT, pipelined in batches of 1000 events, direct from one redis-py client,
 no log. Optional scenario modules (scripts/bench_integrations.py, bench_proxy.py,
 bench_web.py, bench_cluster.py) are run when present: each exposes ``rows(quick, **ctx)``
-with ctx = rounds, redis_url, faktory_bin, cluster, log.
+with ctx = rounds, redis_url, faktory_bin, cluster, log. bench_proxy.py adds
+haproxy_floor_push_throughput_50c / haproxy_floor_ack_throughput_50c (no target) when
+haproxy is on PATH: the same load through a C relay that parses nothing.
 """
 
 from __future__ import annotations

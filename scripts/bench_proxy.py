@@ -15,7 +15,13 @@ median per-round ratio:
 - ``proxy_tracked_push_throughput_50c``: as the first, with ``custom.track`` set,
   so the proxy also appends an ``enqueued`` per job (no target).
 
-    python scripts/bench_proxy.py --faktory-bin PATH [--redis-url URL] [--quick]
+    python scripts/bench_proxy.py --faktory-bin PATH [--redis-url URL] [--quick] [--workers N]
+
+With ``haproxy`` on PATH, the two throughput rows are also measured through haproxy in
+TCP mode (rows ``haproxy_floor_*``, no target): a relay that parses nothing, in C, so
+the least any proxy can cost here.
+
+``--workers N`` runs the proxy as ``tracker serve --workers N`` (N processes on one port).
 """
 
 from __future__ import annotations
@@ -202,12 +208,7 @@ class Faktory:
             f.readline()
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        B.stop_process(self.proc, self.dir)
 
 
 def _wait_port(port: int, proc: subprocess.Popen, seconds: float = 15) -> None:
@@ -223,10 +224,11 @@ def _wait_port(port: int, proc: subprocess.Popen, seconds: float = 15) -> None:
     raise RuntimeError(f"nothing listens on port {port}")
 
 
-def start_proxy(redis_url: str, prefix: str, upstream_port: int) -> tuple[subprocess.Popen, int]:
+def start_proxy(redis_url: str, prefix: str, upstream_port: int,
+                workers: int = 1) -> tuple[subprocess.Popen, int]:
     cmd = [sys.executable, "-c", "from tracker.cli import main; main()", "--redis-url",
            redis_url, "--prefix", prefix, "serve", "--port", "0", "--upstream",
-           f"tcp://127.0.0.1:{upstream_port}"]
+           f"tcp://127.0.0.1:{upstream_port}", "--workers", str(workers)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -239,6 +241,27 @@ def start_proxy(redis_url: str, prefix: str, upstream_port: int) -> tuple[subpro
             break
     proc.kill()
     raise RuntimeError("tracker serve --upstream did not start")
+
+
+class HAProxy:
+    """haproxy in TCP mode in front of the same Faktory: a relay in C that parses nothing,
+    the least any proxy can cost on this machine (its rows have no target)."""
+
+    def __init__(self, upstream_port: int):
+        self.dir = tempfile.mkdtemp(prefix="tracker-bench-haproxy-")
+        self.port = B.free_port()
+        cfg = os.path.join(self.dir, "haproxy.cfg")
+        with open(cfg, "w") as f:
+            f.write(f"global\n  maxconn 4096\n  nbthread 1\ndefaults\n  mode tcp\n"
+                    f"  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n"
+                    f"frontend f\n  bind 127.0.0.1:{self.port}\n  default_backend b\n"
+                    f"backend b\n  server s1 127.0.0.1:{upstream_port}\n")
+        self.proc = subprocess.Popen([shutil.which("haproxy") or "haproxy", "-f", cfg],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_port(self.port, self.proc)
+
+    def stop(self) -> None:
+        B.stop_process(self.proc, self.dir)
 
 
 # ------------------------------------------------------------------- the rows
@@ -270,17 +293,21 @@ def rows(quick: bool = False, **ctx) -> list[dict]:
     prefix = B.new_prefix("bench-proxy")
     fk = Faktory(binary)
     proxy = None
+    hap = HAProxy(fk.port) if shutil.which("haproxy") else None
     try:
-        proxy, pport = start_proxy(url, prefix, fk.port)
+        proxy, pport = start_proxy(url, prefix, fk.port, ctx.get("workers") or 1)
         scenarios = [("proxy_push_throughput_50c", "push", 50, False, "PUSH"),
                      ("proxy_ack_throughput_50c", "loop", 50, False, "ACK"),
                      ("proxy_push_added_p50_1c", "push", 1, False, "PUSH"),
                      ("proxy_tracked_push_throughput_50c", "push", 50, True, "PUSH")]
         out = []
         for (metric, unit, target), (_, mode, conns, track, cmd) in zip(METRICS, scenarios):
-            direct, proxied = [], []
+            direct, proxied, floor = [], [], []
+            paths = [(fk.port, direct), (pport, proxied)]
+            if hap is not None and conns > 1 and not track:
+                paths.append((hap.port, floor))
             for _ in range(rounds):
-                for port, into in ((fk.port, direct), (pport, proxied)):
+                for port, into in paths:
                     fk.flush()
                     into.append(load(port, conns, secs, mode, track, fload)[cmd])
             if conns == 1:
@@ -305,6 +332,15 @@ def rows(quick: bool = False, **ctx) -> list[dict]:
                                 p50_us={"direct": round(statistics.median(
                                     d["p50_us"] for d in direct)), "proxied": round(
                                     statistics.median(p["p50_us"] for p in proxied))}))
+            if floor:
+                fr = [h["ops_s"] / d["ops_s"] for d, h in zip(direct, floor)]
+                out.append(_row(metric.replace("proxy_", "haproxy_floor_"), unit, None,
+                                round(statistics.median(h["ops_s"] for h in floor)),
+                                round(statistics.median(d["ops_s"] for d in direct)),
+                                "direct to Faktory", round(statistics.median(fr), 3), None,
+                                [round(r, 3) for r in fr],
+                                note="haproxy (C, TCP mode, parses nothing) in the same rounds: "
+                                     "the least any relay costs on this machine"))
         for r in out:
             r["load_generator"] = fload or "scripts/bench_proxy.py (asyncio)"
         return out
@@ -312,6 +348,8 @@ def rows(quick: bool = False, **ctx) -> list[dict]:
         if proxy is not None:
             proxy.terminate()
             proxy.wait(15)
+        if hap is not None:
+            hap.stop()
         fk.stop()
         if private is not None:
             private.stop()
@@ -329,6 +367,7 @@ if __name__ == "__main__":
     ap.add_argument("--load", metavar="FLOAD", help="a Go-style load generator (fload's flags)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--workers", type=int, default=1, help="tracker serve --workers N")
     a = ap.parse_args()
     print(json.dumps(rows(a.quick, faktory_bin=a.faktory_bin, redis_url=a.redis_url,
-                          fload=a.load, rounds=a.rounds), indent=1))
+                          fload=a.load, rounds=a.rounds, workers=a.workers), indent=1))

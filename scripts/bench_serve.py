@@ -48,6 +48,7 @@ from tracker.projector import Projector  # noqa: E402
 from tracker.publisher import Publisher  # noqa: E402
 
 JIDS = 1000
+WORKERS = 2  # the --workers row: one per core of the machine the figures come from
 WARM = 0.3
 SECONDS = {True: 0.6, False: 3.0}
 
@@ -148,8 +149,7 @@ def load(port: int, conns: int, seconds: float, requests: list[bytes], faktory: 
     whose CPU share over the run is added to the result."""
     ctx = multiprocessing.get_context("fork")
     parent, child = ctx.Pipe()
-    before = {k: B.cpu_seconds(v) if isinstance(v, int) else B.redis_cpu(v)
-              for k, v in (watch or {}).items()}
+    before = {k: _cpu(v) for k, v in (watch or {}).items()}
     t0 = time.perf_counter()
     ticks = B.machine_ticks()
     p = ctx.Process(target=_load, args=(port, conns, seconds, requests, faktory, password,
@@ -163,10 +163,29 @@ def load(port: int, conns: int, seconds: float, requests: list[bytes], faktory: 
     wall = time.perf_counter() - t0
     res["machine_busy"] = B.busy_share(ticks, B.machine_ticks())
     for k, v in (watch or {}).items():
-        after = B.cpu_seconds(v) if isinstance(v, int) else B.redis_cpu(v)
+        after = _cpu(v)
         if before[k] is not None and after is not None:
             res[f"cpu_{k}"] = round((after - before[k]) / wall, 2)
     return res
+
+
+def _cpu(what) -> float | None:
+    """CPU seconds of a pid, of a tuple of pids (a serve's workers), or of a Redis."""
+    if isinstance(what, int):
+        return B.cpu_seconds(what)
+    if isinstance(what, tuple):
+        got = [B.cpu_seconds(p) for p in what]
+        return None if None in got else sum(x for x in got if x is not None)
+    return B.redis_cpu(what)
+
+
+def workers_of(pid: int) -> tuple:
+    """The worker processes of ``tracker serve --workers N`` (its children), from /proc."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return tuple(int(x) for x in f.read().split())
+    except OSError:
+        return ()
 
 
 def redis_benchmark(url: str, conns: int, n: int) -> dict:
@@ -194,9 +213,9 @@ def redis_benchmark(url: str, conns: int, n: int) -> dict:
 # -------------------------------------------------------------------- scenario
 
 
-def start_serve(url: str, prefix: str) -> tuple[subprocess.Popen, int, list]:
+def start_serve(url: str, prefix: str, workers: int = 1) -> tuple[subprocess.Popen, int, list]:
     cmd = [sys.executable, "-c", "from tracker.cli import main; main()", "--prefix", prefix,
-           "serve", "--port", "0"]
+           "serve", "--port", "0", "--workers", str(workers)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, TRACKER_REDIS_URL=url))
     deadline = time.monotonic() + 30
@@ -204,7 +223,8 @@ def start_serve(url: str, prefix: str) -> tuple[subprocess.Popen, int, list]:
     assert proc.stderr is not None
     while time.monotonic() < deadline:
         line = proc.stderr.readline()
-        m = re.search(r"serving Faktory protocol on [^\s]+:(\d+)", line)
+        m = re.search(r"serving Faktory protocol on [^\s]+:(\d+)" if workers == 1
+                      else r"workers serving on [^\s]+:(\d+)", line)
         if m:  # keep draining its log, or a chatty server would block on a full pipe
             threading.Thread(target=lambda: logged.extend(proc.stderr), daemon=True).start()
             return proc, int(m.group(1)), logged
@@ -223,7 +243,7 @@ def rows(quick: bool = False, rounds: int = 5, redis_url: str = "", log=print, *
     c = redis.Redis.from_url(redis_url)
     prefix = "bench-serve-" + uuid.uuid4().hex[:8]
     d = B.open_deployment(redis_url, prefix)
-    proc = None
+    proc = proc2 = None
     try:
         jids = [f"bench-{i}" for i in range(JIDS)]
         with Publisher(d).batch() as b:
@@ -232,9 +252,11 @@ def rows(quick: bool = False, rounds: int = 5, redis_url: str = "", log=print, *
                 b.set(j, percent=42, desc="benchmarking")
         Projector(d, consumer="bench").drain()
         proc, port, logged = start_serve(redis_url, prefix)
+        proc2, port2, logged2 = start_serve(redis_url, prefix, WORKERS)
         track = [b"TRACK GET %s\r\n" % j.encode() for j in jids]
         get = [b"GET key:__rand_int__\r\n"]
         watch = {"serve": proc.pid, "redis": c}
+        watch2 = {"serve": workers_of(proc2.pid), "redis": c}
         est = [50_000.0]
 
         def raw(i: int) -> dict:
@@ -252,16 +274,23 @@ def rows(quick: bool = False, rounds: int = 5, redis_url: str = "", log=print, *
                 f"Redis {R.base[-1]['gen50']:,.0f}/s, serve {s50['per_s']:,.0f}/s (CPU: serve "
                 f"{s50.get('cpu_serve')}, generator {s50['cpu']}, redis {s50.get('cpu_redis')}; "
                 f"machine {s50['machine_busy']} busy)")
-            return {"per_s": s50["per_s"], "run": s50, "p50_1": s1["p50_ms"]}
+            w50 = load(port2, 50, secs, track, True, "", watch2)
+            log(f"    serve --workers {WORKERS}: {w50['per_s']:,.0f}/s (CPU: workers "
+                f"{w50.get('cpu_serve')}, generator {w50['cpu']}, redis {w50.get('cpu_redis')}; "
+                f"machine {w50['machine_busy']} busy)")
+            return {"per_s": s50["per_s"], "run": s50, "p50_1": s1["p50_ms"],
+                    "workers_per_s": w50["per_s"], "workers_run": w50}
 
         R = B.Rounds()
         R.run(rounds, raw, serve)
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=15)
-        warnings = [ln for ln in logged if " WARNING " in ln or " ERROR " in ln][:5]
+        for p in (proc, proc2):
+            p.send_signal(signal.SIGTERM)
+        rc, rc2 = proc.wait(timeout=15), proc2.wait(timeout=15)
+        warnings = [ln for ln in logged + logged2 if " WARNING " in ln or " ERROR " in ln][:5]
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
+        for p in (proc, proc2):
+            if p is not None and p.poll() is None:
+                p.kill()
         B.cleanup(c, prefix)
         d.close()
         c.close()
@@ -269,13 +298,17 @@ def rows(quick: bool = False, rounds: int = 5, redis_url: str = "", log=print, *
     med = sorted(runs, key=lambda r: r["per_s"])[len(runs) // 2]
     detail = {"serve_50": runs, "generator_redis_50": [r["gen50_run"] for r in R.base],
               "redis_benchmark_50": R.b("rb"), "redis_benchmark_cpu": R.b("rb_cpu"),
-              "serve_exit_code": rc, "serve_warnings": warnings, "seconds_per_run": secs}
+              "serve_workers_50": [r["workers_run"] for r in R.subj],
+              "serve_exit_code": rc, "serve_workers_exit_code": rc2, "serve_warnings": warnings, "seconds_per_run": secs}
     limit = (f"median round: p99 {med['p99_ms']:.2f} ms; CPU of a core: serve "
              f"{med.get('cpu_serve')}, generator {med['cpu']}, redis {med.get('cpu_redis')}; "
              f"both cores {med['machine_busy']} busy (all processes)")
     return [
         B.row("serve_track_get_per_s_50conn", "req/s", R.s("per_s"), R.b("rb"),
               "redis-benchmark -t get -c 50", ">= 0.6x", note=limit, detail=detail),
+        B.row(f"serve_{WORKERS}workers_track_get_per_s_50conn", "req/s", R.s("workers_per_s"),
+              R.b("rb"), "redis-benchmark -t get -c 50", ">= 0.6x",
+              note=f"tracker serve --workers {WORKERS}: the same load, in the same rounds"),
         B.row("loadgen_redis_get_per_s_50conn", "req/s", R.b("gen50"), R.b("rb"),
               "redis-benchmark -t get -c 50",
               note="the bench's generator on Redis GET: its headroom over serve"),
