@@ -86,7 +86,7 @@ def run(n: int, host: str, port: int, serve: Callable[[int, Ready], None]) -> No
         held.close()  # a named port: checked to be free, now free for the workers
     port = port or held.getsockname()[1]
     stopping = False
-    pids: dict[int, float] = {}  # pid -> start time
+    pids: set[int] = set()
     read_fd, write_fd = os.pipe()
 
     def start() -> None:
@@ -111,7 +111,7 @@ def run(n: int, host: str, port: int, serve: Callable[[int, Ready], None]) -> No
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
-        pids[pid] = time.monotonic()
+        pids.add(pid)
 
     def stop(*_: object) -> None:
         nonlocal stopping
@@ -166,7 +166,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def _reap(pids: dict[int, float], block: bool = False) -> int | None:
+def _reap(pids: set[int], block: bool = False) -> int | None:
     """Collect one exited worker: its exit code, or None when none has exited."""
     while True:
         try:
@@ -177,10 +177,10 @@ def _reap(pids: dict[int, float], block: bool = False) -> int | None:
         if pid == 0:
             return None
         if pid in pids:
-            del pids[pid]
+            pids.discard(pid)
             return os.waitstatus_to_exitcode(status)
 
 
-def _wait_all(pids: dict[int, float]) -> None:
+def _wait_all(pids: set[int]) -> None:
     while pids:
         _reap(pids, block=True)
