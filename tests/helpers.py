@@ -37,11 +37,12 @@ from tracker.store.settings import Settings
 CI = os.environ.get("TRACKER_CI") == "1"
 
 
-def missing(reason: str) -> None:
-    """Skip (or, under CI, fail) a test whose real service is absent."""
+def missing(reason: str, module: bool = False) -> None:
+    """Skip (or, under CI, fail) a test whose real service is absent; ``module``: the whole
+    module, from its top level."""
     if CI:
         pytest.fail(f"required under CI (TRACKER_CI=1): {reason}", pytrace=False)
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=module)
 
 
 # ------------------------------------------------------------- deployments

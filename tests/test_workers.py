@@ -20,7 +20,7 @@ import time
 
 import pytest
 from fake_faktory import FakeFaktory
-from helpers import Raw, cleanup
+from helpers import Raw, cleanup, missing
 
 from tracker.projector import Projector
 from tracker.publisher import Publisher
@@ -28,8 +28,8 @@ from tracker.server import workers
 from tracker.store.deployment import Deployment
 from tracker.store.settings import Settings
 
-pytestmark = pytest.mark.skipif(not workers.reuse_port_supported(),
-                                reason="--workers needs SO_REUSEPORT (Linux)")
+if not workers.reuse_port_supported():
+    missing("--workers needs SO_REUSEPORT (Linux)", module=True)
 
 
 def children(pid: int) -> list[int]:
@@ -49,8 +49,9 @@ def socket_inodes(pid: int) -> set[str]:
     return out
 
 
-def established_on(port: int) -> set[str]:
-    """Inodes of the established TCP sockets whose local port is ``port`` (server side)."""
+def established(port: int, side: int = 1) -> set[str]:
+    """Inodes of the established TCP sockets whose local (side 1) or remote (side 2) port
+    is ``port``, from /proc/net/tcp{,6}."""
     out = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -60,7 +61,7 @@ def established_on(port: int) -> set[str]:
             continue
         for row in rows:
             cols = row.split()
-            if int(cols[1].rsplit(":", 1)[1], 16) == port and cols[3] == "01":
+            if int(cols[side].rsplit(":", 1)[1], 16) == port and cols[3] == "01":
                 out.add(cols[9])
     return out
 
@@ -126,7 +127,7 @@ def test_workers_share_the_port_and_answer(real_redis_url, prefix, deployment):
             assert (got["jid"], got["state"], got["percent"], got["desc"]) == \
                    (j, "enqueued", 30, "in workers")
             conns.append(c)
-        ours = established_on(s.port)
+        ours = established(s.port)
         assert len(ours) == 20
         per_worker = [len(socket_inodes(p) & ours) for p in pids]
         assert sum(per_worker) == 20 and min(per_worker) >= 1, per_worker  # spread by the kernel
@@ -210,7 +211,7 @@ def test_proxy_workers_ack_on_one_finds_the_fetch_of_another(real_redis_url, pre
             assert c.hello() == b"+OK"
             c.send(b"BEAT {\"wid\":\"w\"}\r\n")
             c.reply()
-            mine = socket_inodes_of_peer(c, pids)
+            mine = worker_of(c, pids)
             if mine is not None and mine not in by_worker:
                 by_worker[mine] = c
             else:
@@ -223,6 +224,10 @@ def test_proxy_workers_ack_on_one_finds_the_fetch_of_another(real_redis_url, pre
         assert a.reply() == b"+OK"
         a.send(b"FETCH default\r\n")
         assert json.loads(a.reply())["jid"] == "wk-proxied"
+        # What a's FETCH recorded is appended asynchronously; a read on a waits for it
+        # (read-your-writes is per connection), as a client would before handing over.
+        a.send(b"TRACK GET wk-proxied\r\n")
+        assert json.loads(a.reply())["state"] == "working"
         b.send(b'ACK {"jid":"wk-proxied"}\r\n')
         assert b.reply() == b"+OK"
         b.send(b"TRACK GET wk-proxied\r\n")
@@ -235,18 +240,11 @@ def test_proxy_workers_ack_on_one_finds_the_fetch_of_another(real_redis_url, pre
     assert rc == 0, log
 
 
-def socket_inodes_of_peer(c: Raw, pids: list[int]) -> int | None:
+def worker_of(c: Raw, pids: list[int]) -> int | None:
     """The worker holding the server side of client connection ``c``."""
-    port = c.sock.getsockname()[1]
-    want = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            for row in f.read().splitlines()[1:]:
-                cols = row.split()
-                if int(cols[2].rsplit(":", 1)[1], 16) == port and cols[3] == "01":
-                    want.add(cols[9])
+    theirs = established(c.sock.getsockname()[1], side=2)
     for p in pids:
-        if socket_inodes(p) & want:
+        if socket_inodes(p) & theirs:
             return p
     return None
 
