@@ -25,7 +25,9 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -70,6 +72,33 @@ def stop_process(proc: subprocess.Popen, tmpdir: Optional[str] = None) -> None:
             proc.kill()
     if tmpdir:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def start_serve(redis_url: str, prefix: str, *args: str,
+                workers: int = 1) -> tuple[subprocess.Popen, int, list[str]]:
+    """``tracker serve --port 0 [args]`` as users run it (its own process): returns it,
+    the port it listens on (with ``workers`` > 1, once every worker listens) and its log
+    lines, which a thread keeps draining so a chatty server never blocks on the pipe."""
+    cmd = [sys.executable, "-c", "from tracker.cli import main; main()", "--redis-url",
+           redis_url, "--prefix", prefix, "serve", "--port", "0", "--workers", str(workers),
+           *args]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    ready = (r"serving Faktory protocol on [^\s]+:(\d+)" if workers == 1
+             else r"workers serving on [^\s]+:(\d+)")
+    logged: list[str] = []
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        logged.append(line)
+        m = re.search(ready, line)
+        if m:
+            threading.Thread(target=lambda: logged.extend(proc.stderr), daemon=True).start()
+            return proc, int(m.group(1)), logged
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"tracker serve {' '.join(args)} did not start: {''.join(logged)[-300:]}")
 
 
 class PrivateRedis:

@@ -30,14 +30,12 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from typing import Optional
 
@@ -224,25 +222,6 @@ def _wait_port(port: int, proc: subprocess.Popen, seconds: float = 15) -> None:
     raise RuntimeError(f"nothing listens on port {port}")
 
 
-def start_proxy(redis_url: str, prefix: str, upstream_port: int,
-                workers: int = 1) -> tuple[subprocess.Popen, int]:
-    cmd = [sys.executable, "-c", "from tracker.cli import main; main()", "--redis-url",
-           redis_url, "--prefix", prefix, "serve", "--port", "0", "--upstream",
-           f"tcp://127.0.0.1:{upstream_port}", "--workers", str(workers)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        m = re.search(r"serving Faktory protocol on [^\s]+:(\d+)", line)
-        if m:
-            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-            return proc, int(m.group(1))
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError("tracker serve --upstream did not start")
-
-
 class HAProxy:
     """haproxy in TCP mode in front of the same Faktory: a relay in C that parses nothing,
     the least any proxy can cost on this machine (its rows have no target)."""
@@ -295,7 +274,9 @@ def rows(quick: bool = False, **ctx) -> list[dict]:
     proxy = None
     hap = HAProxy(fk.port) if shutil.which("haproxy") else None
     try:
-        proxy, pport = start_proxy(url, prefix, fk.port, ctx.get("workers") or 1)
+        proxy, pport, _log = B.start_serve(url, prefix, "--upstream",
+                                           f"tcp://127.0.0.1:{fk.port}",
+                                           workers=ctx.get("workers") or 1)
         scenarios = [("proxy_push_throughput_50c", "push", 50, False, "PUSH"),
                      ("proxy_ack_throughput_50c", "loop", 50, False, "ACK"),
                      ("proxy_push_added_p50_1c", "push", 1, False, "PUSH"),

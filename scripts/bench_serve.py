@@ -35,7 +35,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 
@@ -174,8 +173,13 @@ def _cpu(what) -> float | None:
     if isinstance(what, int):
         return B.cpu_seconds(what)
     if isinstance(what, tuple):
-        got = [B.cpu_seconds(p) for p in what]
-        return None if None in got else sum(x for x in got if x is not None)
+        total = 0.0
+        for pid in what:
+            cpu = B.cpu_seconds(pid)
+            if cpu is None:
+                return None
+            total += cpu
+        return total
     return B.redis_cpu(what)
 
 
@@ -213,27 +217,6 @@ def redis_benchmark(url: str, conns: int, n: int) -> dict:
 # -------------------------------------------------------------------- scenario
 
 
-def start_serve(url: str, prefix: str, workers: int = 1) -> tuple[subprocess.Popen, int, list]:
-    cmd = [sys.executable, "-c", "from tracker.cli import main; main()", "--prefix", prefix,
-           "serve", "--port", "0", "--workers", str(workers)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, TRACKER_REDIS_URL=url))
-    deadline = time.monotonic() + 30
-    logged: list[str] = []
-    assert proc.stderr is not None
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        m = re.search(r"serving Faktory protocol on [^\s]+:(\d+)" if workers == 1
-                      else r"workers serving on [^\s]+:(\d+)", line)
-        if m:  # keep draining its log, or a chatty server would block on a full pipe
-            threading.Thread(target=lambda: logged.extend(proc.stderr), daemon=True).start()
-            return proc, int(m.group(1)), logged
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError("tracker serve did not start")
-
-
 def rows(quick: bool = False, rounds: int = 5, redis_url: str = "", log=print, **ctx) -> list:
     u = redis.connection.parse_url(redis_url)
     if "path" in u:
@@ -251,8 +234,8 @@ def rows(quick: bool = False, rounds: int = 5, redis_url: str = "", log=print, *
                 b.enqueued(j, {"track": 1})
                 b.set(j, percent=42, desc="benchmarking")
         Projector(d, consumer="bench").drain()
-        proc, port, logged = start_serve(redis_url, prefix)
-        proc2, port2, logged2 = start_serve(redis_url, prefix, WORKERS)
+        proc, port, logged = B.start_serve(redis_url, prefix)
+        proc2, port2, logged2 = B.start_serve(redis_url, prefix, workers=WORKERS)
         track = [b"TRACK GET %s\r\n" % j.encode() for j in jids]
         get = [b"GET key:__rand_int__\r\n"]
         watch = {"serve": proc.pid, "redis": c}

@@ -308,11 +308,12 @@ class Server:
         self._server: Optional[asyncio.base_events.Server] = None
         self._stop: Optional[asyncio.Event] = None
         self.loop: Optional[asyncio.AbstractEventLoop] = None
-        self.reuse_port = False  # one of several workers on the port (tracker.server.workers)
 
-    async def serve(self, host: str, port: int, ready: Any = None) -> None:
+    async def serve(self, host: str, port: int, ready: Any = None,
+                    reuse_port: bool = False) -> None:
         """Listen and serve until stop(); ``ready.set()`` once listening (a threading.Event,
-        or a worker's ``workers.Ready``)."""
+        or a worker's ``workers.Ready``); ``reuse_port``: one of several workers on the
+        port (tracker.server.workers)."""
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self.lost = asyncio.Event()
@@ -321,7 +322,7 @@ class Server:
             await self.opened()
             self._server = await self.loop.create_server(self.protocol, host, port,
                                                          backlog=1024, reuse_address=True,
-                                                         reuse_port=self.reuse_port or None)
+                                                         reuse_port=reuse_port or None)
             sock = self._server.sockets[0].getsockname()
             self.port = sock[1]
             log.info("serving Faktory protocol on %s:%d%s", host, self.port, self.describe())
@@ -442,14 +443,13 @@ def run_server(server: Server, host: str, port: int, loop_factory: Any = None,
         return
 
     def one(port: int, ready: workers_mod.Ready) -> None:
-        server.reuse_port = True
-        _run_loop(server, host, port, loop_factory, ready)
+        _run_loop(server, host, port, loop_factory, ready, reuse_port=True)
 
     workers_mod.run(workers, host, port, one)
 
 
 def _run_loop(server: Server, host: str, port: int, loop_factory: Any,
-              ready: Any = None) -> None:
+              ready: Any = None, reuse_port: bool = False) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -457,7 +457,7 @@ def _run_loop(server: Server, host: str, port: int, loop_factory: Any,
                 loop.add_signal_handler(sig, server.stop)
             except (ValueError, RuntimeError, NotImplementedError):
                 pass  # not the main thread: the caller stops us with server.stop()
-        await server.serve(host, port, ready)
+        await server.serve(host, port, ready, reuse_port)
 
     try:
         if loop_factory is None:
@@ -470,4 +470,4 @@ def _run_loop(server: Server, host: str, port: int, loop_factory: Any,
                 loop.run_until_complete(loop.shutdown_asyncgens())
                 loop.close()
     except OSError as e:
-        raise TrackerError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        raise workers_mod.listen_error(host, port, e) from None

@@ -54,8 +54,13 @@ def claim_port(host: str, port: int) -> socket.socket:
         s.bind((host, port))
     except OSError as e:
         s.close()
-        raise TrackerError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        raise listen_error(host, port, e) from None
     return s
+
+
+def listen_error(host: str, port: int, e: OSError) -> TrackerError:
+    """The one-line error of a port that cannot be listened on (one process or many)."""
+    return TrackerError(f"cannot listen on {host}:{port}: {e.strerror or e}")
 
 
 class Ready:
