@@ -16,7 +16,9 @@ change under the bench. Keys live under fresh prefixes, deleted afterwards.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
 import os
 import platform
 import random
@@ -341,6 +343,37 @@ def naive_write(client: redis.Redis, ns: str, mix: list, jids: Optional[set] = N
                 pipe.pexpireat(key, now + NAIVE_TTL_MS)
         pipe.execute()
     return time.perf_counter() - t0
+
+
+def xadd_entries(client: redis.Redis, entries: list, batch: int = 1000) -> float:
+    """Pipelined XADD of (stream, fields) pairs, ``batch`` per pipeline: the baseline of
+    replay_events_per_s. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    for chunk in chunks(entries, batch):
+        pipe = client.pipeline(transaction=False)
+        for s, f in chunk:
+            pipe.xadd(s, f)
+        pipe.execute()
+    return time.perf_counter() - t0
+
+
+def module_main(rows: Callable[..., list], doc: Optional[str], argv=None) -> int:
+    """The command line of a bench module run alone: its rows as JSON on stdout, the
+    rounds' log on stderr, on a private redis-server unless --redis-url names one."""
+    ap = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    ap.add_argument("--redis-url", help="Redis to use (default: a private redis-server)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=5)
+    a = ap.parse_args(argv)
+    server = None if a.redis_url else PrivateRedis()
+    try:
+        out = rows(a.quick, a.rounds, a.redis_url or server.url,
+                   log=lambda m: print(m, file=sys.stderr, flush=True))
+    finally:
+        if server:
+            server.stop()
+    print(json.dumps(out, indent=1, default=str))
+    return 0
 
 
 # ------------------------------------------------------------- rounds and rows

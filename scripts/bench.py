@@ -32,6 +32,9 @@ Metric names (stable; --json PATH writes them as "rows", plus raw "figures", the
   history_p50_ms            Tracker.history among many events   vs HGETALL round trip    <= 5 ms
   list_working_p50_ms       Tracker.list_tracks("working"), many tracks vs 50 pipelined HGETALL
   state_index_bytes_per_track  MEMORY USAGE of the state index per listed track
+  floor_project_*, floor_replay_*  folds that store nothing (scripts/bench_floor.py): the
+                            ceilings of projector_jobs_per_s and replay_events_per_s, vs
+                            their baselines in the same rounds
   serve_track_get_per_s_50conn TRACK GET over `tracker serve`   vs redis-benchmark -t get -c 50  >= 0.6x
   serve_2workers_track_get_per_s_50conn  the same over `tracker serve --workers 2`, same rounds
   loadgen_redis_get_per_s_50conn  the bench's load generator on Redis GET vs redis-benchmark
@@ -62,6 +65,7 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _benchlib as B  # noqa: E402
+import bench_floor  # noqa: E402
 import bench_project  # noqa: E402
 import bench_replay  # noqa: E402
 import bench_serve  # noqa: E402
@@ -248,7 +252,7 @@ def lagged_read_row(tr: Tracker, pub: Publisher, target: str, mates: list, n: in
 # --------------------------------------------------------------------------- main
 
 GROUPS = {"publish": publish_rows, "query": query_rows, "project": bench_project.rows,
-          "replay": bench_replay.rows, "serve": bench_serve.rows}
+          "replay": bench_replay.rows, "floor": bench_floor.rows, "serve": bench_serve.rows}
 
 
 def optional(name: str, quick: bool, ctx: dict) -> tuple[list, list]:

@@ -22,8 +22,6 @@ Rows (issue 15's format; ``scripts/bench.py`` imports ``rows``):
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
 import sys
@@ -60,13 +58,7 @@ def replay_rows(quick: bool, rounds: int, url: str, log=print) -> list[dict]:
                    for e in mix]
 
         def xadd(i: int) -> dict:
-            t0 = time.perf_counter()
-            for chunk in B.chunks(entries, 1000):
-                pipe = c.pipeline(transaction=False)
-                for s, f in chunk:
-                    pipe.xadd(s, f)
-                pipe.execute()
-            rate = len(entries) / (time.perf_counter() - t0)
+            rate = len(entries) / B.xadd_entries(c, entries)
             B.cleanup(c, raw)
             return {"per_s": rate}
 
@@ -191,20 +183,7 @@ def rows(quick: bool = False, rounds: int = 5, redis_url: str = "", log=print, *
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--redis-url", help="Redis to use (default: a private redis-server)")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--rounds", type=int, default=5)
-    a = ap.parse_args(argv)
-    server = None if a.redis_url else B.PrivateRedis()
-    try:
-        out = rows(a.quick, a.rounds, a.redis_url or server.url,
-                   log=lambda m: print(m, file=sys.stderr, flush=True))
-    finally:
-        if server:
-            server.stop()
-    print(json.dumps(out, indent=1, default=str))
-    return 0
+    return B.module_main(rows, __doc__, argv)
 
 
 if __name__ == "__main__":

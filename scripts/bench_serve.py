@@ -23,8 +23,6 @@ headroom), serve_track_get_p50_ms_1conn (vs the generator's Redis GET p50, 1 con
 
 from __future__ import annotations
 
-import argparse
-import json
 import multiprocessing
 import os
 import re
@@ -301,20 +299,7 @@ def rows(quick: bool = False, rounds: int = 5, redis_url: str = "", log=print, *
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--redis-url", help="Redis to use (default: a private redis-server)")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--rounds", type=int, default=5)
-    a = ap.parse_args(argv)
-    server = None if a.redis_url else B.PrivateRedis()
-    try:
-        out = rows(a.quick, a.rounds, a.redis_url or server.url,
-                   log=lambda m: print(m, file=sys.stderr, flush=True))
-    finally:
-        if server:
-            server.stop()
-    print(json.dumps(out, indent=1, default=str))
-    return 0
+    return B.module_main(rows, __doc__, argv)
 
 
 if __name__ == "__main__":
