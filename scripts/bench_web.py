@@ -112,8 +112,9 @@ class Processes:
             subprocess.Popen([sys.executable, os.path.abspath(__file__), "serve", "--redis-url", url,
                               "--prefix", prefix, "--port", str(self.port)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
-            subprocess.Popen(["tracker", "project"], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)]
+            # This interpreter's tracker, whether or not its venv is on PATH.
+            subprocess.Popen([sys.executable, "-m", "tracker", "project"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
         line = self.procs[0].stderr.readline() if self.procs[0].stderr else ""
         if "listening on" not in line:
             self.stop()
