@@ -353,6 +353,27 @@ class LocalCluster:
         return [self.by_id(r["id"]) for r in self.cluster_nodes()
                 if r["master"] == master.id and "slave" in r["flags"]]
 
+    def master_and_replica(self, master: Callable[[], Optional[Node]] = lambda: None,
+                           timeout: float = 30.0) -> tuple[Node, Node]:
+        """A live master (``master()``, else any) and a live replica of it, once the cluster
+        is consistent: with a 1 s node timeout a loaded machine can see a spontaneous
+        failover, during which a master has no replica attached for a moment."""
+        found: list[Node] = []
+
+        def ready() -> bool:
+            if not self._consistent():
+                return False
+            wanted = master()
+            for m in [wanted] if wanted is not None else self.masters():
+                replicas = [r for r in self.replicas_of(m) if r.alive]
+                if replicas:
+                    found[:] = [m, replicas[0]]
+                    return True
+            return False
+
+        self._until(ready, timeout, "a master with a live replica")
+        return found[0], found[1]
+
     @property
     def startup_nodes(self) -> list[tuple[str, int]]:
         return [(n.host, n.port) for n in self.live()]

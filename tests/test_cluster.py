@@ -104,7 +104,7 @@ def test_seed_lists_hide_their_password():
 
 # ------------------------------------------------------------------ connecting
 def test_every_url_form_reaches_the_cluster(cl, prefix):
-    master, replica = cl.masters()[0], cl.replicas_of(cl.masters()[0])[0]
+    master, replica = cl.master_and_replica()
     dead = "127.0.0.1:1"  # nothing listens there
     urls = [f"redis://{master.addr}", f"redis://{replica.addr}/0", cl.seeds_url,
             f"redis://{dead},{master.addr}", f"redis+cluster://{replica.addr}"]
@@ -303,7 +303,7 @@ def test_durable_publish_waits_for_a_replica(cl, prefix):
         ids = pub.publish(*[events.make_enqueued(f"d{i}", TRACK) for i in range(40)])
         assert len(ids) == 40 and pub.enqueued("d-single")
         stream = keys.stream(prefix, d.partition("d-single"))
-        replica = cl.replicas_of(cl.master_of_key(stream))[0]
+        _, replica = cl.master_and_replica(lambda: cl.master_of_key(stream))
         cl.pause(replica)  # the replica stops acknowledging
         try:
             with pytest.raises(NotDurable, match=r"^durable_replicas: 0 of 1 replica"):
