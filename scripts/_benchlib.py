@@ -362,10 +362,12 @@ def module_main(rows: Callable[..., list], doc: Optional[str], argv=None) -> int
     rounds' log on stderr, on a private redis-server unless --redis-url names one."""
     ap = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
     ap.add_argument("--redis-url", help="Redis to use (default: a private redis-server)")
+    ap.add_argument("--redis-server", metavar="PATH",
+                    help="the private server's binary (default: the first redis-server on PATH)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=5)
     a = ap.parse_args(argv)
-    server = None if a.redis_url else PrivateRedis()
+    server = None if a.redis_url else PrivateRedis(a.redis_server)
     try:
         out = rows(a.quick, a.rounds, a.redis_url or server.url,
                    log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -1,6 +1,6 @@
 """Benchmarks against raw Redis and the naive tracker, as same-run interleaved ratios (issue 15).
 
-    python scripts/bench.py [--quick] [--rounds N] [--json PATH] [--redis-url URL]
+    python scripts/bench.py [--quick] [--rounds N] [--json PATH] [--redis-url URL | --redis-server PATH]
                             [--only GROUP ...] [--faktory-bin PATH] [--cluster URL]
 
 Every ratio comes from N >= 5 interleaved rounds (baseline, subject, baseline,
@@ -297,6 +297,8 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--redis-url", help="Redis to use (default: a private redis-server)")
+    ap.add_argument("--redis-server", metavar="PATH",
+                    help="the private server's binary (default: the first redis-server on PATH)")
     ap.add_argument("--quick", action="store_true", help="smaller samples, about 1-2 minutes")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per ratio (>= 5)")
     ap.add_argument("--json", metavar="PATH", help="write rows, raw figures and the machine")
@@ -308,7 +310,7 @@ def main(argv=None) -> int:
     if a.rounds < 5:
         ap.exit(2, "bench.py: error: --rounds: expected at least 5\n")
     t0 = time.time()
-    server = None if a.redis_url else B.PrivateRedis()
+    server = None if a.redis_url else B.PrivateRedis(a.redis_server)
     url = a.redis_url or server.url
     rows: list[dict] = []
     notes: list[str] = []
