@@ -357,17 +357,27 @@ def xadd_entries(client: redis.Redis, entries: list, batch: int = 1000) -> float
     return time.perf_counter() - t0
 
 
+def add_server_args(ap: argparse.ArgumentParser) -> None:
+    """--redis-url and --redis-server, which ``private_server`` reads."""
+    ap.add_argument("--redis-url", help="Redis to use (default: a private redis-server)")
+    ap.add_argument("--redis-server", metavar="PATH",
+                    help="the private server's binary (default: the first redis-server on PATH)")
+
+
+def private_server(a: argparse.Namespace) -> Optional[PrivateRedis]:
+    """The private redis-server the arguments ask for (None with --redis-url)."""
+    return None if a.redis_url else PrivateRedis(a.redis_server)
+
+
 def module_main(rows: Callable[..., list], doc: Optional[str], argv=None) -> int:
     """The command line of a bench module run alone: its rows as JSON on stdout, the
     rounds' log on stderr, on a private redis-server unless --redis-url names one."""
     ap = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
-    ap.add_argument("--redis-url", help="Redis to use (default: a private redis-server)")
-    ap.add_argument("--redis-server", metavar="PATH",
-                    help="the private server's binary (default: the first redis-server on PATH)")
+    add_server_args(ap)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=5)
     a = ap.parse_args(argv)
-    server = None if a.redis_url else PrivateRedis(a.redis_server)
+    server = private_server(a)
     try:
         out = rows(a.quick, a.rounds, a.redis_url or server.url,
                    log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -296,9 +296,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--redis-url", help="Redis to use (default: a private redis-server)")
-    ap.add_argument("--redis-server", metavar="PATH",
-                    help="the private server's binary (default: the first redis-server on PATH)")
+    B.add_server_args(ap)
     ap.add_argument("--quick", action="store_true", help="smaller samples, about 1-2 minutes")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per ratio (>= 5)")
     ap.add_argument("--json", metavar="PATH", help="write rows, raw figures and the machine")
@@ -310,7 +308,7 @@ def main(argv=None) -> int:
     if a.rounds < 5:
         ap.exit(2, "bench.py: error: --rounds: expected at least 5\n")
     t0 = time.time()
-    server = None if a.redis_url else B.PrivateRedis(a.redis_server)
+    server = B.private_server(a)
     url = a.redis_url or server.url
     rows: list[dict] = []
     notes: list[str] = []

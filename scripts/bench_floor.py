@@ -38,25 +38,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _benchlib as B  # noqa: E402
 import redis  # noqa: E402
 
-import projections  # noqa: E402
 from projections import track as fold_mod  # noqa: E402
 from tracker import events  # noqa: E402
 from tracker.projector import Projector  # noqa: E402
 from tracker.publisher import Publisher  # noqa: E402
-from tracker.store import keys  # noqa: E402
+from tracker.store import keys, scripts  # noqa: E402
 from tracker.store.scripts import LIMITS  # noqa: E402
 
 SIZES = {True: 20_000, False: 200_000}
 PROJECT_BATCH = 500  # Projector's default batch
 REPLAY_CHUNK = 5000  # tracker.replay.CHUNK
-_STORE_LUA = Path(keys.__file__).parent / "lua"
 
 
 def floor_source() -> str:
     """floor.lua with the fold and the ID parser the real scripts run, prepended."""
-    parts = [Path(projections.__file__).parent / "track.lua", _STORE_LUA / "ids.lua",
-             _STORE_LUA / "packed.lua", Path(__file__).parent / "lua" / "floor.lua"]
-    return "\n".join(p.read_text() for p in parts)
+    return scripts.compose("fold", "ids", "packed", Path(__file__).parent / "lua" / "floor.lua")
 
 
 def lua_floor(c: redis.Redis, sha: str, streams: list, mode: str, ttl: int) -> int:
@@ -102,9 +98,10 @@ def python_floor(c: redis.Redis, streams: list, count: int, ttl: int) -> int:
     return n
 
 
-def _child(url: str, streams: list, ttl: int, go, done) -> None:
+def _child(url: str, streams: list, ttl: int, ready, go, done) -> None:
     c = redis.Redis.from_url(url)
     c.ping()
+    ready.put(True)
     go.wait()
     done.put(python_floor(c, streams, REPLAY_CHUNK, ttl))
 
@@ -113,12 +110,13 @@ def python_floor_parallel(url: str, streams: list, ttl: int, procs: int = 2) -> 
     """python_floor over ``procs`` forked processes, the streams dealt out between them;
     (entries, seconds from the start signal until the last one finished)."""
     ctx = multiprocessing.get_context("fork")
-    go, done = ctx.Event(), ctx.Queue()
-    kids = [ctx.Process(target=_child, args=(url, streams[i::procs], ttl, go, done), daemon=True)
-            for i in range(procs)]
+    ready, go, done = ctx.Queue(), ctx.Event(), ctx.Queue()
+    kids = [ctx.Process(target=_child, args=(url, streams[i::procs], ttl, ready, go, done),
+                        daemon=True) for i in range(procs)]
     for k in kids:
         k.start()
-    time.sleep(0.3)  # each has connected
+    for _ in kids:
+        ready.get(timeout=30)  # each has connected
     t0 = time.perf_counter()
     go.set()
     n = sum(done.get(timeout=300) for _ in kids)

@@ -64,10 +64,18 @@ class Script:
     sha: str
 
 
+def compose(*parts: str | Path) -> str:
+    """The source of a script from its parts, in order: a part's name (``"fold"`` is
+    projections/track.lua, any other a file of store/lua/) or a path to a .lua file of
+    one's own (the benchmarks' scripts prepend the very parts the real ones run)."""
+    return "\n".join((part if isinstance(part, Path) else
+                      _FOLD if part == "fold" else _LUA / f"{part}.lua").read_text()
+                     for part in parts)
+
+
 @cache
 def script(name: str) -> Script:
-    src = "\n".join((_FOLD if part == "fold" else _LUA / f"{part}.lua").read_text()
-                    for part in _PARTS[name])
+    src = compose(*_PARTS[name])
     return Script(name, src, hashlib.sha1(src.encode()).hexdigest())
 
 
